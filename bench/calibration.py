@@ -1,0 +1,140 @@
+"""Calibration data and the activation statistics that several methods share.
+
+Statistics are memoised on the :class:`Calibration` object, so SVD-LLM and Basis Sharing in one run
+read the same Gram matrices from one pass over the dense model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+Progress = Callable[[int], None] | None
+
+
+@dataclass
+class Calibration:
+    """Token windows [n_samples, seq_len] drawn from the calibration split, plus how they were made."""
+
+    tokens: torch.Tensor
+    seed: int = 0
+    source: str = ""
+    batch_size: int = 4
+    memo: dict = field(default_factory=dict)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_samples * self.seq_len
+
+    def batches(self, device: torch.device | str) -> Iterator[torch.Tensor]:
+        for i in range(0, self.n_samples, self.batch_size):
+            yield self.tokens[i : i + self.batch_size].to(device)
+
+    def describe(self) -> dict:
+        return {"source": self.source, "n_samples": self.n_samples, "seq_len": self.seq_len,
+                "seed": self.seed, "tokens": self.n_tokens}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextmanager
+def hooks(handles: list):
+    try:
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.inference_mode()
+def forward_all(model: nn.Module, calib: Calibration, progress: Progress = None) -> None:
+    """Run every calibration batch through ``model`` (hooks do the collecting)."""
+    model.eval()
+    device = model_device(model)
+    for batch in calib.batches(device):
+        model(input_ids=batch, use_cache=False)
+        if progress:
+            progress(int(batch.shape[0]))
+
+
+def collect_grams(model: nn.Module, adapter, calib: Calibration, progress: Progress = None) -> dict:
+    """G = sum over tokens of x x^T (float64) for the input of every linear role of every block.
+
+    Returns ``{(block_index, role): G}``. Linears of one role (q, k, v) share their input, so one hook
+    on the first linear of each role serves them all.
+    """
+    if "grams" in calib.memo:
+        return calib.memo["grams"]
+    grams: dict = {}
+
+    def make_hook(key):
+        def hook(_module, args):
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1]).float()
+            g = (x.T @ x).double()
+            grams[key] = grams[key] + g if key in grams else g
+
+        return hook
+
+    handles = []
+    for b in range(adapter.num_blocks):
+        for role in adapter.roles():
+            first = next(s for s in adapter.slots if s.role == role)
+            handles.append(adapter.linear(b, first.kind).register_forward_pre_hook(make_hook((b, role))))
+    with hooks(handles):
+        forward_all(model, calib, progress)
+    calib.memo["grams"] = grams
+    return grams
+
+
+def collect_block_cosines(model: nn.Module, adapter, calib: Calibration, progress: Progress = None) -> torch.Tensor:
+    """Mean over tokens of cos(h_in, h_out) for every block, from hooks on the blocks themselves.
+
+    Hooks (not ``output_hidden_states``) because Hugging Face applies the final norm to the last hidden state.
+    """
+    if "block_cosines" in calib.memo:
+        return calib.memo["block_cosines"]
+    n = adapter.num_blocks
+    sums = torch.zeros(n, dtype=torch.float64)
+    counts = torch.zeros(n, dtype=torch.float64)
+    inputs: dict[int, torch.Tensor] = {}
+
+    def pre(i):
+        def hook(_m, args, kwargs):
+            inputs[i] = adapter.block_input(args, kwargs).detach()
+
+        return hook
+
+    def post(i):
+        def hook(_m, _args, _kwargs, output):
+            h_in = inputs.pop(i).float()
+            h_out = adapter.block_output(output).detach().float()
+            cos = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)
+            sums[i] += cos.double().sum().cpu()
+            counts[i] += cos.numel()
+
+        return hook
+
+    handles = []
+    for i, block in enumerate(adapter.blocks()):
+        handles.append(block.register_forward_pre_hook(pre(i), with_kwargs=True))
+        handles.append(block.register_forward_hook(post(i), with_kwargs=True))
+    with hooks(handles):
+        forward_all(model, calib, progress)
+    result = sums / counts.clamp(min=1)
+    calib.memo["block_cosines"] = result
+    return result

@@ -1,0 +1,59 @@
+"""Perplexity of a causal LM over fixed token windows (the same windows for every method)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bench.errors import UserError
+
+
+def perplexity(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """exp(mean next-token NLL) over `windows` [n, L]; each window scores its tokens 1..L-1.
+
+    Returns `perplexity`, `nll` (mean per predicted token, nats), `tokens` and `windows`. A
+    model that produces NaN or inf logits yields NaN or inf rather than an exception.
+    `progress(k)` is called after each batch with the number of windows just scored.
+    """
+    if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
+        raise UserError(f"perplexity needs windows of shape [n >= 1, L >= 2], got {tuple(windows.shape)}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll_sum = torch.zeros((), dtype=torch.float64)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(windows), batch_size):
+                batch = windows[start : start + batch_size].to(device)
+                logits = model(input_ids=batch, use_cache=False).logits
+                for row, ids in zip(logits, batch, strict=True):
+                    token_nll = F.cross_entropy(row[:-1].float(), ids[1:], reduction="none")
+                    nll_sum += token_nll.double().sum().cpu()
+                if progress is not None:
+                    progress(len(batch))
+    finally:
+        model.train(was_training)
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    mean_nll = nll_sum.item() / tokens
+    return {
+        "perplexity": _safe_exp(mean_nll),
+        "nll": mean_nll,
+        "tokens": tokens,
+        "windows": int(windows.shape[0]),
+    }
+
+
+def _safe_exp(x: float) -> float:
+    """exp that returns inf on overflow and NaN for NaN."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf

@@ -1,0 +1,145 @@
+"""The method plugin interface and its registry.
+
+A method is one class in one module: a short ``name``, a ``Knobs`` dataclass of its settings with
+defaults, ``solve`` (whole-model target ratio -> its own knob, by counting) and ``compress``. Built-in
+methods live in the ``methods`` package; third-party ones are found through the ``slimbench.methods``
+entry-point group. Both register with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, get_type_hints
+
+from torch import nn
+
+from bench.errors import UserError
+
+ENTRY_POINT_GROUP = "slimbench.methods"
+_REGISTRY: dict[str, type[Method]] = {}
+_DISCOVERED = False
+
+
+@dataclass
+class Solution:
+    """What a solver decided: the method's own knob values and the parameter count they give."""
+
+    knobs: dict[str, Any]
+    predicted_params: int
+    notes: str = ""
+
+
+@dataclass
+class CompressionInfo:
+    """What compressing cost and decided, beyond the structure itself."""
+
+    train_tokens: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """Base class of a compression method plugin."""
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    #: True for methods that remove whole units (blocks, sub-layers) and cannot hit every ratio.
+    coarse: ClassVar[bool] = False
+
+    @dataclass
+    class Knobs:
+        pass
+
+    def __init__(self, **knobs: Any):
+        names = {f.name for f in dataclasses.fields(self.Knobs)}
+        unknown = sorted(set(knobs) - names)
+        if unknown:
+            raise UserError(
+                f"method {self.name!r} has no knob {', '.join(unknown)}; its knobs: "
+                f"{', '.join(sorted(names)) or '(none)'}"
+            )
+        hints = get_type_hints(self.Knobs)
+        self.knobs = self.Knobs(**{k: _coerce(self.name, k, v, hints.get(k)) for k, v in knobs.items()})
+
+    def knob_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.knobs)
+
+    # -- to implement ------------------------------------------------------------------------
+    def solve(self, adapter, ratio: float) -> Solution:
+        """Turn the whole-model target ``ratio`` into this method's knob by counting parameters.
+
+        Raise :class:`UserError` when the ratio is outside what the method can do.
+        """
+        raise NotImplementedError
+
+    def compress(self, model: nn.Module, adapter, calibration, solution: Solution) -> CompressionInfo:
+        """Compress ``model`` in place (structural changes through :mod:`bench.structure`)."""
+        raise NotImplementedError
+
+
+def _coerce(method: str, knob: str, value: Any, typ: Any) -> Any:
+    """Turn a CLI string into the knob's declared type."""
+    if not isinstance(value, str) or typ is None or typ is str:
+        return value
+    text = str(typ)
+    try:
+        if typ is bool or text == "bool":
+            if value.lower() in {"1", "true", "yes", "on"}:
+                return True
+            if value.lower() in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(value)
+        if typ is int or text == "int":
+            return int(value)
+        if typ is float or text == "float":
+            return float(value)
+        if "list" in text or "tuple" in text:
+            return [v.strip() for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"knob {method}.{knob}={value!r} is not a valid {text}; give e.g. {method}.{knob}=...") from None
+    return value
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} needs a non-empty `name`")
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
+        raise ValueError(f"two methods registered as {cls.name!r}: {existing.__module__} and {cls.__module__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def discover() -> None:
+    """Import the built-in methods and every entry point of the ``slimbench.methods`` group, once."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    import methods
+
+    for info in pkgutil.iter_modules(methods.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"methods.{info.name}")
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        obj = ep.load()
+        if isinstance(obj, type) and issubclass(obj, Method):
+            register(obj)
+
+
+def available() -> dict[str, type[Method]]:
+    discover()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_method(name: str) -> type[Method]:
+    methods_ = available()
+    if name not in methods_:
+        raise UserError(f"unknown method {name!r}; available: {', '.join(methods_)} (see `bench list`)")
+    return methods_[name]
