@@ -17,6 +17,7 @@ from bench.adapters.base import get_module, set_module
 
 _OPS: dict[str, Callable] = {}
 LOG_ATTR = "_slimbench_ops"
+BASE_ATTR = "_slimbench_base_config"
 
 
 def structural_op(name: str):
@@ -33,6 +34,8 @@ def apply(model: nn.Module, adapter, op: str, **args):
     """Apply edit ``op`` to ``model`` and append it to the model's structure log; returns what the op returns."""
     if op not in _OPS:
         raise KeyError(f"unknown structural op {op!r}; registered: {sorted(_OPS)}")
+    if getattr(model, BASE_ATTR, None) is None:  # the dense config, before any edit changes it
+        setattr(model, BASE_ATTR, model.config.to_dict())
     result = _OPS[op](model, adapter, **args)
     ops = getattr(model, LOG_ATTR, None)
     if ops is None:
@@ -44,6 +47,11 @@ def apply(model: nn.Module, adapter, op: str, **args):
 
 def structure_log(model: nn.Module) -> list[dict]:
     return list(getattr(model, LOG_ATTR, []) or [])
+
+
+def base_config(model: nn.Module) -> dict:
+    """The config of the dense model this one was made from (its own config if never edited)."""
+    return getattr(model, BASE_ATTR, None) or model.config.to_dict()
 
 
 def replay(model: nn.Module, adapter, ops: list[dict]) -> None:

@@ -1,0 +1,220 @@
+"""The ``bench`` command: run, leaderboard, list, generate."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from bench.errors import UserError
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--ratio {text!r}: give numbers like 0.12 or 0.12,0.24") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {text!r}: give integers like 0 or 0,1,2") from None
+
+
+def _knobs(pairs: list[str]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        method, dot, knob = name.partition(".")
+        if not eq or not dot or not method or not knob:
+            raise UserError(f"--set {pair!r}: write METHOD.KNOB=VALUE, e.g. --set basis.group_size=3")
+        out.setdefault(method, {})[knob] = value
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    from bench.models import DEFAULT_MODEL
+    from bench.suites import SUITES
+
+    p = argparse.ArgumentParser(prog="bench", description="Compress LLMs at matched parameter budgets and compare.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="compress a model with several methods at matched budgets and evaluate")
+    r.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, folder, .gguf file or hub id (default {DEFAULT_MODEL})")
+    r.add_argument("--methods", default="all", help="comma-separated method names, or 'all' (see `bench list`)")
+    r.add_argument("--ratio", default="0.12", help="whole-model share of parameters to remove; several: 0.12,0.24")
+    r.add_argument("--seeds", default="0", help="calibration seeds, e.g. 0 or 0,1,2")
+    r.add_argument("--suite", default="quick", choices=sorted(SUITES), help="how much data to use (default quick)")
+    r.add_argument("--tasks", default=None, help="override the suite's zero-shot tasks (comma-separated; 'none' skips)")
+    r.add_argument("--limit", type=int, default=None, help="override documents per zero-shot task")
+    r.add_argument("--calib-samples", type=int, default=None, help="override calibration windows")
+    r.add_argument("--calib-seq-len", type=int, default=None, help="override calibration window length")
+    r.add_argument("--set", dest="knobs", action="append", default=[], metavar="METHOD.KNOB=VALUE",
+                   help="set a method knob, e.g. --set svdllm.update=true (repeatable)")
+    r.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    r.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    r.add_argument("--tolerance", type=float, default=None, help="allowed |achieved - target| ratio (default 0.02)")
+    r.add_argument("--results-dir", default="results", help="where records go (default results/)")
+    r.add_argument("--leaderboard-dir", default="leaderboard", help="where tables go (default leaderboard/)")
+    r.add_argument("--cache-dir", default=None, help="model and checkpoint cache (default $SLIMBENCH_CACHE or "
+                                                       "~/.cache/slimbench)")
+    r.add_argument("--no-save", action="store_true", help="do not keep compressed checkpoints (size is still measured)")
+    r.add_argument("--force", action="store_true", help="recompute cells that already have a complete record")
+
+    lb = sub.add_parser("leaderboard", help="regenerate leaderboard/ from the records in results/")
+    lb.add_argument("--results-dir", default="results")
+    lb.add_argument("--out", default="leaderboard")
+
+    ls = sub.add_parser("list", help="show methods, models, tasks and suites")
+    ls.add_argument("what", nargs="?", default="all", choices=["all", "methods", "models", "tasks", "suites"])
+
+    g = sub.add_parser("generate", help="try a prompt on a model or a saved compressed checkpoint")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder (see a record's `checkpoint`), alias, ...")
+    g.add_argument("--prompt", default="The capital of France is")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--cache-dir", default=None)
+    return p
+
+
+def cmd_run(args) -> int:
+    from rich.console import Console
+
+    from bench import leaderboard
+    from bench.budget import DEFAULT_TOLERANCE
+    from bench.display import RichEvents
+    from bench.registry import available
+    from bench.runner import RunConfig, run
+    from bench.suites import get_suite
+
+    methods = list(available()) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    tasks = None
+    if args.tasks is not None:
+        tasks = () if args.tasks == "none" else tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    suite = get_suite(args.suite, tasks=tasks, task_limit=args.limit, calib_samples=args.calib_samples,
+                      calib_seq_len=args.calib_seq_len)
+    cfg = RunConfig(model=args.model, methods=methods, ratios=_floats(args.ratio), seeds=_ints(args.seeds),
+                    suite=suite, knobs=_knobs(args.knobs), device=args.device, dtype=args.dtype,
+                    cache=args.cache_dir, results_dir=args.results_dir, save_checkpoints=not args.no_save,
+                    tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance, force=args.force)
+    console = Console()
+    t0 = time.perf_counter()
+    with RichEvents(console) as events:
+        records = run(cfg, events)
+    df, problems, paths = leaderboard.write(args.results_dir, args.leaderboard_dir)
+    for line in problems:
+        console.print(f"[yellow]warning:[/] {line}")
+    keys = {r.key for r in records}
+    mine = leaderboard.frame(records)
+    console.print(leaderboard.rich_table(mine, title=f"{records[0].model['name']} — suite {suite.name}"))
+    console.print(f"records in {args.results_dir}/, leaderboard in {', '.join(map(str, paths))}; "
+                  f"{len(keys)} cells, {time.perf_counter() - t0:.0f} s")
+    failed = [r for r in records if r.status != "ok"]
+    for r in failed:
+        console.print(f"[red]failed:[/] {r.method} at {r.target_ratio}: {r.error}")
+    return 1 if failed else 0
+
+
+def cmd_leaderboard(args) -> int:
+    from rich.console import Console
+
+    from bench import leaderboard
+
+    if not Path(args.results_dir).is_dir():
+        raise UserError(f"no results folder {args.results_dir!r}; run `bench run` first or pass --results-dir")
+    df, problems, paths = leaderboard.write(args.results_dir, args.out)
+    console = Console()
+    for line in problems:
+        console.print(f"[yellow]warning:[/] {line}")
+    if not df.empty:
+        for (model, suite), group in df.groupby(["model", "suite"]):
+            console.print(leaderboard.rich_table(group, title=f"{model} — suite {suite}"))
+    console.print(f"wrote {', '.join(map(str, paths))} from {len(df)} records")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if args.what in ("all", "methods"):
+        from bench.registry import available
+
+        t = Table(title="methods")
+        for col in ("name", "method", "kind", "knobs (defaults)", "paper"):
+            t.add_column(col)
+        for name, cls in available().items():
+            inst = cls()
+            knobs = ", ".join(f"{k}={v}" for k, v in inst.knob_dict().items())
+            t.add_row(name, cls.title, "coarse" if cls.coarse else "fine", knobs, cls.paper)
+        console.print(t)
+    if args.what in ("all", "models"):
+        from bench.adapters import supported_model_types
+        from bench.models import ALIASES
+
+        t = Table(title="models")
+        t.add_column("alias")
+        t.add_column("what")
+        for name, alias in ALIASES.items():
+            t.add_row(name, f"{alias.note}; install: {alias.install}")
+        console.print(t)
+        console.print(f"any local folder, .gguf file or hub id of these families also works: "
+                      f"{', '.join(supported_model_types())}")
+    if args.what in ("all", "tasks"):
+        from bench.evaluate.zeroshot import LOCAL_TASKS
+
+        console.print("zero-shot tasks shipped offline: " + ", ".join(LOCAL_TASKS)
+                      + "; any other lm-eval task name passes through (needs the hub)")
+    if args.what in ("all", "suites"):
+        from bench.suites import SUITES
+
+        t = Table(title="suites")
+        for col in ("suite", "calibration", "perplexity", "docs per task"):
+            t.add_column(col)
+        for s in SUITES.values():
+            t.add_row(s.name, f"{s.calib_samples} x {s.calib_seq_len}",
+                      f"{s.ppl_windows or 'all'} x {s.ppl_seq_len}", str(s.task_limit or "all"))
+        console.print(t)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from bench.models import load_model
+
+    loaded = load_model(args.model, args.device, args.dtype, args.cache_dir)
+    tok = loaded.tokenizer
+    ids = tok(args.prompt, return_tensors="pt").to(loaded.device)
+    with torch.inference_mode():
+        out = loaded.model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                    pad_token_id=tok.pad_token_id)
+    print(tok.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+    handler = {"run": cmd_run, "leaderboard": cmd_leaderboard, "list": cmd_list, "generate": cmd_generate}
+    try:
+        return handler[args.command](args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished cells are saved under results/; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

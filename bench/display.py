@@ -1,0 +1,54 @@
+"""Rich progress display for ``bench run``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from bench.records import Record
+from bench.runner import Cell, Events
+
+
+class RichEvents(Events):
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+        self.task = None
+
+    def __enter__(self) -> RichEvents:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def start(self, total_cells: int) -> None:
+        self.task = self.progress.add_task("starting", total=total_cells)
+
+    def cell(self, cell: Cell, step: str) -> None:
+        self.progress.update(self.task, description=f"{cell.method} @ {cell.ratio:.2f} seed {cell.seed}: {step}")
+
+    def done(self, cell: Cell, rec: Record, path: Path, reused: bool) -> None:
+        self.progress.advance(self.task)
+        m = rec.metrics
+        if rec.status != "ok":
+            self.console.print(f"[red]✗[/] {cell.method} @ {cell.ratio:.2f}: {rec.error}")
+            return
+        achieved = rec.budget.get("achieved_ratio", 0.0)
+        how = "reused" if reused else f"{path}"
+        self.console.print(f"[green]✓[/] {cell.method} @ {cell.ratio:.2f} (achieved {100 * achieved:.1f}%): "
+                           f"ppl {m.get('perplexity', float('nan')):.2f}, mean acc {m.get('mean_acc') or float('nan'):.3f}"
+                           f" — {how}")
+
+    def warn(self, text: str) -> None:
+        self.console.print(f"[yellow]warning:[/] {text}")

@@ -1,0 +1,50 @@
+"""One evaluation for every model: perplexity, zero-shot accuracy, memory and latency."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from bench import data
+from bench.budget import count_bytes, count_params
+from bench.evaluate.efficiency import PeakMemory, latency
+from bench.evaluate.perplexity import perplexity
+from bench.evaluate.zeroshot import mean_accuracy, zero_shot
+from bench.suites import Suite
+
+
+def evaluate(model: nn.Module, tokenizer, adapter, suite: Suite, progress=None, seed: int = 1234) -> dict:
+    """All metrics of one model under ``suite``; ``progress(label)`` is told which step runs."""
+    step = progress or (lambda label: None)
+    device = next(model.parameters()).device
+    out: dict = {"params": count_params(model), "weight_bytes": count_bytes(model)}
+    with PeakMemory(device) as mem:
+        step("perplexity")
+        windows = data.perplexity_windows(tokenizer, suite.ppl_seq_len, suite.ppl_windows, add_bos=adapter.needs_bos)
+        ppl = perplexity(model, windows, batch_size=max(1, suite.eval_batch_size // 2))
+        out["perplexity"] = ppl["perplexity"]
+        out["perplexity_detail"] = {k: v for k, v in ppl.items() if k != "perplexity"} | {
+            "seq_len": suite.ppl_seq_len, "text": "packaged Wikipedia (exllamav2 wiki.utf8), test documents",
+            "text_fingerprint": data.file_fingerprint(data.wiki_text_path())}
+        if suite.tasks:
+            step("zero-shot")
+            zs = zero_shot(model, tokenizer, list(suite.tasks), suite.task_limit, batch_size=suite.eval_batch_size,
+                           seed=seed)
+            out["tasks"] = zs.pop("tasks")
+            out["mean_acc"] = mean_accuracy(out["tasks"])
+            out["zero_shot_config"] = zs
+    out["peak_memory_bytes"] = mem.peak_bytes
+    out["peak_memory_source"] = mem.source
+    step("latency")
+    lat = latency(model, tokenizer, prompt_len=suite.latency_prompt, new_tokens=suite.latency_new_tokens,
+                  repeats=suite.latency_repeats)
+    out["prefill_ms"] = lat["prefill_ms"]
+    out["decode_tokens_per_s"] = lat["decode_tokens_per_s"]
+    out["latency_detail"] = {k: v for k, v in lat.items() if k not in ("prefill_ms", "decode_tokens_per_s")}
+    return out
+
+
+def is_finite_result(metrics: dict) -> bool:
+    ppl = metrics.get("perplexity")
+    return ppl is not None and math.isfinite(ppl)
