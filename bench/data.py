@@ -144,7 +144,9 @@ def perplexity_windows(
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
-        raise UserError(f"test text has {len(ids)} tokens, fewer than one window of {seq_len}: use a shorter --seq-len")
+        raise UserError(
+            f"test text has {len(ids)} tokens, fewer than one window of {seq_len}: use a shorter --seq-len"
+        )
     windows = ids[: n * width].view(n, width)
     if add_bos:
         bos = tokenizer.bos_token_id

@@ -102,7 +102,7 @@ def _share_basis(model, adapter, modules: list[str], rank: int) -> list[Factoriz
         raise ValueError(f"cannot share a basis across inputs of different widths: {modules}")
     basis = _like(refs[0], in_f, rank, False)
     out = []
-    for name, ref in zip(modules, refs):
+    for name, ref in zip(modules, refs, strict=True):
         new = FactorizedLinear(basis, _like(ref, rank, ref.out_features, ref.bias is not None))
         set_module(model, name, new)
         out.append(new)
