@@ -108,7 +108,7 @@ def cmd_run(args) -> int:
         records = run(cfg, events)
     df, problems, paths = leaderboard.write(args.results_dir, args.leaderboard_dir)
     for line in problems:
-        console.print(f"[yellow]warning:[/] {line}")
+        console.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
     keys = {r.key for r in records}
     mine = leaderboard.frame(records)
     console.print(leaderboard.rich_table(mine, title=f"{records[0].model['name']} — suite {suite.name}"))
@@ -130,7 +130,7 @@ def cmd_leaderboard(args) -> int:
     df, problems, paths = leaderboard.write(args.results_dir, args.out)
     console = Console()
     for line in problems:
-        console.print(f"[yellow]warning:[/] {line}")
+        console.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
     if not df.empty:
         for (model, suite), group in df.groupby(["model", "suite"]):
             console.print(leaderboard.rich_table(group, title=f"{model} — suite {suite}"))

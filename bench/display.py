@@ -18,6 +18,10 @@ from bench.records import Record
 from bench.runner import Cell, Events
 
 
+def _num(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 class RichEvents(Events):
     def __init__(self, console: Console):
         self.console = console
@@ -42,13 +46,13 @@ class RichEvents(Events):
         self.progress.advance(self.task)
         m = rec.metrics
         if rec.status != "ok":
-            self.console.print(f"[red]✗[/] {cell.method} @ {cell.ratio:.2f}: {rec.error}")
+            self.console.print(f"[red]✗[/] {cell.method} @ {cell.ratio:.2f}: {rec.error}", soft_wrap=True)
             return
         achieved = rec.budget.get("achieved_ratio", 0.0)
         how = "reused" if reused else f"{path}"
         self.console.print(f"[green]✓[/] {cell.method} @ {cell.ratio:.2f} (achieved {100 * achieved:.1f}%): "
-                           f"ppl {m.get('perplexity', float('nan')):.2f}, mean acc {m.get('mean_acc') or float('nan'):.3f}"
-                           f" — {how}")
+                           f"ppl {_num(m.get('perplexity'))}, mean acc {_num(m.get('mean_acc'), 3)}"
+                           f" — {how}", soft_wrap=True)
 
     def warn(self, text: str) -> None:
         self.console.print(f"[yellow]warning:[/] {text}")

@@ -1,0 +1,117 @@
+"""The bench CLI: bad input is one line and exit 2; a failing method is recorded and the others go on."""
+
+import json
+
+import pytest
+
+from bench import registry, structure
+from bench.budget import count_params
+from bench.cli import main
+from bench.records import load_records
+from bench.registry import CompressionInfo, Method, Solution
+
+
+class DropLast(Method):
+    """Removes the last block: a plugin defined outside the methods package."""
+
+    name = "test-droplast"
+    coarse = True
+
+    def solve(self, adapter, ratio):
+        last = adapter.block(adapter.num_blocks - 1)
+        return Solution({"blocks": 1}, count_params(adapter.model) - count_params(last))
+
+    def compress(self, model, adapter, calibration, solution):
+        structure.apply(model, adapter, "remove_blocks", indices=[adapter.num_blocks - 1])
+        return CompressionInfo()
+
+
+class Explodes(DropLast):
+    name = "test-explodes"
+
+    def compress(self, model, adapter, calibration, solution):
+        raise RuntimeError("boom")
+
+
+@pytest.fixture
+def plugins():
+    registry.discover()
+    for cls in (DropLast, Explodes):
+        registry.register(cls)
+    yield
+    for cls in (DropLast, Explodes):
+        registry._REGISTRY.pop(cls.name, None)
+
+
+def _run(tmp_path, model_dir, *extra):
+    return main(["run", "--model", str(model_dir), "--results-dir", str(tmp_path / "results"),
+                 "--leaderboard-dir", str(tmp_path / "lb"), "--cache-dir", str(tmp_path / "cache"),
+                 "--tasks", "arc_easy", "--limit", "4", "--calib-samples", "4", "--calib-seq-len", "64", *extra])
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["run", "--methods", "nosuch"], "unknown method 'nosuch'"),
+        (["run", "--model", "no/such/model/dir"], "not found"),
+        (["run", "--model", "nosuchalias"], "unknown model"),
+        (["run", "--ratio", "1.5"], "outside (0, 1)"),
+        (["run", "--ratio", "abc"], "give numbers"),
+        (["run", "--set", "oops"], "METHOD.KNOB=VALUE"),
+        (["run", "--dtype", "int3"], "unknown dtype"),
+        (["run", "--device", "tpu"], "unknown device"),
+        (["leaderboard", "--results-dir", "/nonexistent/results"], "no results folder"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, needle, capsys, tmp_path, tiny_model_dir):
+    if args[0] == "run" and "--model" not in args:
+        args = [*args, "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and "\n" not in err
+
+
+def test_cuda_refused_without_gpu(capsys, tmp_path, tiny_model_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["run", "--model", str(tiny_model_dir), "--device", "cuda", "--cache-dir", str(tmp_path)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_unknown_task_and_knob(capsys, tmp_path, tiny_model_dir, plugins):
+    assert _run(tmp_path, tiny_model_dir, "--methods", "test-droplast", "--tasks", "no_such_task") == 2
+    assert "no_such_task" in capsys.readouterr().err
+    assert _run(tmp_path, tiny_model_dir, "--methods", "test-droplast", "--set", "test-droplast.rank=3") == 2
+    assert "has no knob rank" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()  # refused before any work
+
+
+def test_failing_method_is_recorded_and_others_go_on(tmp_path, tiny_model_dir, plugins):
+    rc = _run(tmp_path, tiny_model_dir, "--methods", "test-explodes,test-droplast", "--ratio", "0.2")
+    assert rc == 1
+    records, problems = load_records(tmp_path / "results")
+    assert not problems
+    by = {r.method: r for r in records}
+    assert set(by) == {"dense", "test-explodes", "test-droplast"}
+    assert by["test-explodes"].status == "failed" and "boom" in by["test-explodes"].error
+    ok = by["test-droplast"]
+    assert ok.status == "ok"
+    assert ok.budget["params_compressed"] == ok.solution["predicted_params"]
+    board = (tmp_path / "lb" / "leaderboard.md").read_text()
+    assert "failed: RuntimeError: boom" in board and "test-droplast" in board
+
+
+def test_rerun_reuses_complete_records_and_survives_a_corrupt_file(tmp_path, tiny_model_dir, plugins, capsys):
+    assert _run(tmp_path, tiny_model_dir, "--methods", "test-droplast", "--ratio", "0.2") == 0
+    first = {p: p.stat().st_mtime_ns for p in (tmp_path / "results").rglob("*.json")}
+    (tmp_path / "results" / "garbage.json").write_text("{not json")
+    (tmp_path / "results" / "foreign.json").write_text(json.dumps({"hello": 1}))
+    assert _run(tmp_path, tiny_model_dir, "--methods", "test-droplast", "--ratio", "0.2") == 0
+    assert {p: p.stat().st_mtime_ns for p in first} == first  # nothing recomputed
+    out = capsys.readouterr().out
+    assert "garbage.json: skipped" in out and "foreign.json: skipped" in out
+    assert main(["leaderboard", "--results-dir", str(tmp_path / "results"), "--out", str(tmp_path / "lb2")]) == 0
+    csv = (tmp_path / "lb2" / "leaderboard.csv").read_text()
+    assert csv.count("test-droplast") == 1 and csv.count("dense") == 1
