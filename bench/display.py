@@ -54,5 +54,5 @@ class RichEvents(Events):
                            f"ppl {_num(m.get('perplexity'))}, mean acc {_num(m.get('mean_acc'), 3)}"
                            f" — {how}", soft_wrap=True)
 
-    def warn(self, text: str) -> None:
-        self.console.print(f"[yellow]warning:[/] {text}")
+    def info(self, text: str) -> None:
+        self.console.print(text, soft_wrap=True)

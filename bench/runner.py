@@ -61,7 +61,7 @@ class Events:
     def start(self, total_cells: int) -> None: ...
     def cell(self, cell: Cell, step: str) -> None: ...
     def done(self, cell: Cell, rec: Record, path: Path, reused: bool) -> None: ...
-    def warn(self, text: str) -> None: ...
+    def info(self, text: str) -> None: ...
 
 
 def plan(cfg: RunConfig) -> list[Cell]:
@@ -105,6 +105,8 @@ def run(cfg: RunConfig, events: Events | None = None) -> list[Record]:
                   "device": loaded.device.split(":")[0], "text": data.file_fingerprint(wiki),
                   "slimbench": env["versions"]["slimbench"]}
 
+    events.info(f"model {loaded.name}: {loaded.source}; weights from {loaded.path} ({loaded.dtype} on {loaded.device}, "
+                f"{dense_params:,} parameters, {adapter.family} adapter)")
     cells = plan(cfg)
     events.start(len(cells))
     records = []
