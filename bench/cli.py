@@ -204,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     handler = {"run": cmd_run, "leaderboard": cmd_leaderboard, "list": cmd_list, "generate": cmd_generate}
     try:
         return handler[args.command](args)
