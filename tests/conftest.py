@@ -21,9 +21,56 @@ TINY = dict(
     tie_word_embeddings=True,
 )
 
-# family -> config class; every supported architecture gets a tiny model here.
+# Sliding windows shorter than the test sequences, so windowed attention and its KV cache really act.
+_WINDOW = 8
+
+
+def _head_dim(kw: dict) -> int:
+    return kw["hidden_size"] // kw["num_attention_heads"]
+
+
+def _mistral(**kw) -> transformers.PreTrainedConfig:
+    """Mistral: one sliding window for every layer, no layer_types."""
+    return transformers.MistralConfig(**{"sliding_window": _WINDOW, **kw})
+
+
+def _qwen2(**kw) -> transformers.PreTrainedConfig:
+    """Qwen2 with its sliding window on from layer 2, so layer_types mixes full and sliding attention."""
+    return transformers.Qwen2Config(**{"use_sliding_window": True, "sliding_window": _WINDOW,
+                                       "max_window_layers": 2, **kw})
+
+
+def _phi3(**kw) -> transformers.PreTrainedConfig:
+    """Phi-3; its default pad/eos ids (32000) lie outside the tiny vocabulary."""
+    return transformers.Phi3Config(**{"pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2, **kw})
+
+
+def _gemma(**kw) -> transformers.PreTrainedConfig:
+    """Gemma; its default head_dim is 256 whatever the width."""
+    return transformers.GemmaConfig(**{"head_dim": _head_dim(kw), **kw})
+
+
+def _gemma2(**kw) -> transformers.PreTrainedConfig:
+    """Gemma-2: alternating sliding and full attention (its default), logit soft-capping on."""
+    return transformers.Gemma2Config(**{"head_dim": _head_dim(kw), "sliding_window": _WINDOW, **kw})
+
+
+def _gemma3(**kw) -> transformers.PreTrainedConfig:
+    """Gemma-3 text; the real 5:1 sliding:full pattern would make 4 layers all sliding, so alternate."""
+    types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(kw["num_hidden_layers"])]
+    return transformers.Gemma3TextConfig(**{"head_dim": _head_dim(kw), "sliding_window": _WINDOW,
+                                            "layer_types": types, **kw})
+
+
+# family -> config factory taking (vocab_size, **TINY); every supported architecture gets a tiny model here.
 FAMILIES = {
     "llama": transformers.LlamaConfig,
+    "mistral": _mistral,
+    "qwen2": _qwen2,
+    "phi3": _phi3,
+    "gemma": _gemma,
+    "gemma2": _gemma2,
+    "gemma3": _gemma3,
 }
 
 

@@ -6,10 +6,16 @@ Methods only talk to an :class:`Adapter`; adding a family is one small subclass 
 from __future__ import annotations
 
 from bench.adapters.base import Adapter, LinearSlot
+from bench.adapters.gemma import Gemma2Adapter, Gemma3Adapter, GemmaAdapter
 from bench.adapters.llama import LlamaAdapter
+from bench.adapters.mistral import MistralAdapter
+from bench.adapters.phi3 import Phi3Adapter
+from bench.adapters.qwen2 import Qwen2Adapter
 from bench.errors import UserError
 
-ADAPTERS: list[type[Adapter]] = [LlamaAdapter]
+ADAPTERS: list[type[Adapter]] = [
+    LlamaAdapter, MistralAdapter, Qwen2Adapter, Phi3Adapter, GemmaAdapter, Gemma2Adapter, Gemma3Adapter,
+]
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:

@@ -51,6 +51,10 @@ class Adapter:
     mlp_post_norm_path: ClassVar[str | None] = None
     #: perplexity windows must start with BOS (Gemma)
     needs_bos: ClassVar[bool] = False
+    #: RMSNorms compute ``x_hat * (norm_weight_offset + weight)``: 0 for Llama-style, 1 for Gemma's ``(1 + w)``
+    norm_weight_offset: ClassVar[float] = 0.0
+    #: output rows of fused linears, in order: kind -> the unfused kinds it stacks (Phi-3's qkv, gate_up)
+    fused_parts: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -81,6 +85,27 @@ class Adapter:
 
     def final_norm(self) -> nn.Module:
         return get_module(self.model, self.final_norm_path)
+
+    def embed_scale(self) -> float:
+        """The factor the embedding module multiplies its looked-up rows by (Gemma: sqrt(hidden), in its dtype).
+
+        A method that replaces or rotates the embedding must keep this factor; it is not in the weight.
+        """
+        return 1.0
+
+    def tied_embeddings(self) -> bool:
+        """Whether the LM head and the input embedding share one weight tensor."""
+        return self.lm_head().weight.data_ptr() == self.embeddings().weight.data_ptr()
+
+    def norm_gain(self, norm: nn.Module) -> torch.Tensor:
+        """The per-channel gain (float32) an RMSNorm applies after normalising, whatever its weight convention."""
+        return norm.weight.float() + self.norm_weight_offset
+
+    @torch.no_grad()
+    def set_norm_gain(self, norm: nn.Module, gain: torch.Tensor | float) -> None:
+        """Make ``norm`` apply ``gain`` per channel (1.0 turns it into a pure normaliser, as norm fusion needs)."""
+        gain = torch.as_tensor(gain, dtype=torch.float32, device=norm.weight.device)
+        norm.weight.copy_((gain - self.norm_weight_offset).expand_as(norm.weight))
 
     def sublayer_paths(self, which: str) -> list[str]:
         """Paths inside a block of everything one residual branch uses: ``which`` is "attn" or "mlp"."""
@@ -120,6 +145,28 @@ class Adapter:
 
     def role_of(self, kind: str) -> str:
         return self.slot(kind).role
+
+    def part_slices(self, block: int, kind: str) -> dict[str, slice]:
+        """Output rows of linear ``kind`` per unfused kind: {"q": rows, "k": ..., "v": ...} for a fused qkv.
+
+        An unfused linear maps to itself over all its rows, so methods can treat every family alike.
+        """
+        width = self.linear(block, kind).out_features
+        parts = self.fused_parts.get(kind)
+        if not parts:
+            return {kind: slice(0, width)}
+        sizes = self._part_sizes(block, kind, width)
+        if sum(sizes) != width or len(sizes) != len(parts):
+            raise ValueError(f"{self.family} {kind}: part sizes {sizes} do not add up to its {width} rows")
+        out, start = {}, 0
+        for part, size in zip(parts, sizes, strict=True):
+            out[part] = slice(start, start + size)
+            start += size
+        return out
+
+    def _part_sizes(self, block: int, kind: str, width: int) -> list[int]:
+        """Row counts of the parts of fused linear ``kind``; families with fused linears override this."""
+        raise NotImplementedError(f"{self.family} declares fused {kind!r} but no part sizes")
 
     # -- block I/O, for hooks ---------------------------------------------------------------
     @staticmethod
