@@ -96,9 +96,10 @@ _ENCODED_MAX = 8
 
 def _token_ids(tokenizer: Any, split: TextSplit, part: str) -> torch.Tensor:
     """Token ids of one part of a split (documents joined by a blank line), cached in memory."""
-    key = (_tokenizer_key(tokenizer), split.fingerprint, split.test_fraction, part)
+    docs = getattr(split, part)
+    key = (_tokenizer_key(tokenizer), hash(tuple(docs)), len(docs))  # str caches its hash: cheap
     if key not in _ENCODED:
-        text = JOIN.join(getattr(split, part))
+        text = JOIN.join(docs)
         ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         if len(_ENCODED) >= _ENCODED_MAX:
             _ENCODED.pop(next(iter(_ENCODED)))

@@ -1,0 +1,163 @@
+"""Efficiency measurements: peak memory, prefill latency, decode throughput, weight size."""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.errors import UserError
+
+STATM = Path("/proc/self/statm")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss_bytes() -> int:
+    """Current resident set size of this process, or the peak so far where /proc is missing."""
+    try:
+        return int(STATM.read_text().split()[1]) * PAGE_SIZE
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+class PeakMemory:
+    """Context manager measuring peak memory of the block: CUDA allocator peak, or sampled RSS on CPU."""
+
+    def __init__(self, device: torch.device | str | None = None, interval_s: float = 0.005) -> None:
+        self.device = torch.device(device) if device is not None else None
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self.source = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def _cuda(self) -> bool:
+        if self.device is not None:
+            return self.device.type == "cuda"
+        return torch.cuda.is_available()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakMemory:
+        if self._cuda:
+            self.source = "cuda_max_allocated"
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.source = "process_rss_sampled"
+            self.peak_bytes = _rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            assert self._thread is not None
+            self._thread.join()
+            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def latency(
+    model: torch.nn.Module,
+    tokenizer_or_vocab_size: Any,
+    prompt_len: int = 128,
+    new_tokens: int = 32,
+    repeats: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+) -> dict:
+    """Median prefill time of 1 x prompt_len random tokens, and greedy decode speed with the KV cache.
+
+    Decoding is a manual loop over `past_key_values` (not `generate`), so it works for any causal
+    LM and never stops early at EOS; its time excludes the prefill that builds the cache.
+    """
+    if prompt_len < 1 or new_tokens < 1 or repeats < 1 or warmup < 0:
+        raise UserError(
+            f"latency needs prompt_len, new_tokens, repeats >= 1 and warmup >= 0, got "
+            f"{prompt_len}, {new_tokens}, {repeats}, {warmup}"
+        )
+    vocab = (
+        tokenizer_or_vocab_size if isinstance(tokenizer_or_vocab_size, int) else len(tokenizer_or_vocab_size)
+    )
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=gen).to(device)
+    was_training = model.training
+    model.eval()
+    prefill_s, decode_s = [], []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            model(input_ids=prompt, use_cache=False)
+            _sync(device)
+            t1 = time.perf_counter()
+            out = model(input_ids=prompt, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            _sync(device)
+            t2 = time.perf_counter()
+            for _ in range(new_tokens):
+                out = model(input_ids=token, past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            _sync(device)
+            t3 = time.perf_counter()
+            if i >= warmup:
+                prefill_s.append(t1 - t0)
+                decode_s.append(t3 - t2)
+    model.train(was_training)
+    return {
+        "prefill_ms": statistics.median(prefill_s) * 1e3,
+        "decode_tokens_per_s": new_tokens / statistics.median(decode_s),
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "warmup": warmup,
+        "device": str(device),
+    }
+
+
+def weight_stats(model: torch.nn.Module) -> dict:
+    """Unique parameter count and bytes of all distinct parameter and buffer storages (tied counted once)."""
+    seen_params: set[int] = set()
+    seen_all: set[int] = set()
+    unique_params = 0
+    weight_bytes = 0
+    for is_param, tensors in ((True, model.parameters()), (False, model.buffers())):
+        for t in tensors:
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if is_param and ptr not in seen_params:
+                seen_params.add(ptr)
+                unique_params += t.numel()
+            if ptr not in seen_all:
+                seen_all.add(ptr)
+                weight_bytes += storage.nbytes()
+    return {"unique_params": unique_params, "weight_bytes": weight_bytes}
+
+
+def dir_size(path: str | Path) -> int:
+    """Total bytes of all files under a folder."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
