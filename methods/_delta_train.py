@@ -1,0 +1,139 @@
+"""DeltaLLM training: KL distillation from the dense model with progressive module replacement (PMR).
+
+Each step draws, for every block that compression changed, whether the student uses its compressed version
+(probability p(t)) or the teacher's original block; p(t) rises linearly from ``pmr_start`` to 1 over the first
+``pmr_warmup`` of the steps and stays 1, so the last steps train the fully compressed model. Blocks that
+compression left alone are the same in both, so they are never swapped. The loss is
+
+    L = T^2 * mean over tokens of sum_v p_teacher(v) (log p_teacher(v) - log p_student(v)),  p = softmax(logits / T),
+
+with no hidden-state term. Only the parameters handed in train (by default the deltas A, B); AdamW, no weight
+decay (it would pull every follower towards its base), gradient norm clipped at 1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.calibration import model_device
+
+
+@dataclass
+class TrainConfig:
+    """What one distillation run does."""
+
+    tokens: int
+    batch_size: int = 1
+    lr: float = 1e-3
+    temperature: float = 1.0
+    pmr_start: float = 0.1
+    pmr_warmup: float = 0.5
+    seed: int = 0
+    max_grad_norm: float = 1.0
+
+
+def replace_probability(step: int, steps: int, start: float, warmup: float) -> float:
+    """p(t): linear from ``start`` at step 0 to 1 at step ``warmup * steps``, then 1."""
+    ramp = warmup * steps
+    if ramp <= 0 or step >= ramp:
+        return 1.0
+    return start + (1.0 - start) * step / ramp
+
+
+def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T^2 * KL(teacher || student) of the next-token distributions, averaged over tokens (float32)."""
+    s = F.log_softmax(student.float() / temperature, dim=-1).flatten(0, -2)
+    t = F.log_softmax(teacher.float() / temperature, dim=-1).flatten(0, -2)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+@contextmanager
+def hybrid(adapter, teacher_blocks: nn.ModuleList, from_teacher: list[int]) -> Iterator[None]:
+    """Run the student with the teacher's original blocks at positions ``from_teacher``."""
+    blocks = adapter.blocks()
+    own = {i: blocks[i] for i in from_teacher}
+    try:
+        for i in from_teacher:
+            blocks[i] = teacher_blocks[i]
+        yield
+    finally:
+        for i, block in own.items():
+            blocks[i] = block
+
+
+@torch.no_grad()
+def eval_kl(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
+    """Mean per-token KL(teacher || model) at temperature 1 over ``windows``."""
+    device = model_device(model)
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch_size):
+        ids = windows[i : i + batch_size].to(device)
+        loss = distill_kl(model(input_ids=ids, use_cache=False).logits, teacher(input_ids=ids, use_cache=False).logits)
+        total, count = total + loss.item() * ids.numel(), count + ids.numel()
+    return total / max(count, 1)
+
+
+def train(model: nn.Module, adapter, teacher: nn.Module, windows: torch.Tensor, params: list[nn.Parameter],
+          changed: list[int], cfg: TrainConfig) -> dict:
+    """Distil ``params`` of ``model`` from ``teacher`` on ``windows`` (cycled) with PMR over the ``changed`` blocks.
+
+    Returns the log: steps, tokens trained on, seconds, tokens/s, and the loss and p(t) of every step.
+    """
+    model.eval()  # no dropout: the student must be the model that is evaluated
+    device = model_device(model)
+    teacher_blocks = type(adapter)(teacher).blocks()
+    per_step = cfg.batch_size * windows.shape[1]
+    steps = max(1, math.ceil(cfg.tokens / per_step))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    losses, probs, tokens = [], [], 0
+    start = time.perf_counter()
+    try:
+        with torch.enable_grad():
+            for step in range(steps):
+                p = replace_probability(step, steps, cfg.pmr_start, cfg.pmr_warmup)
+                replaced = [b for b, u in zip(changed, torch.rand(len(changed), generator=gen).tolist(), strict=True)
+                            if u < p]
+                if not replaced and changed:  # a step with no compressed block would train nothing
+                    replaced = [changed[int(torch.randint(len(changed), (1,), generator=gen))]]
+                rows = [(step * cfg.batch_size + j) % windows.shape[0] for j in range(cfg.batch_size)]
+                ids = windows[rows].to(device)
+                with torch.no_grad():
+                    target = teacher(input_ids=ids, use_cache=False).logits
+                with hybrid(adapter, teacher_blocks, [b for b in changed if b not in replaced]):
+                    logits = model(input_ids=ids, use_cache=False).logits
+                loss = distill_kl(logits, target, cfg.temperature)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                losses.append(loss.item())
+                probs.append(p)
+                tokens += ids.numel()
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    seconds = time.perf_counter() - start
+    return {"steps": steps, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
+            "batch_windows": cfg.batch_size, "seq_len": int(windows.shape[1]), "lr": cfg.lr,
+            "temperature": cfg.temperature, "pmr": {"start": cfg.pmr_start, "warmup": cfg.pmr_warmup},
+            "loss_first": losses[0], "loss_last": losses[-1], "curve": curve(losses, probs)}
+
+
+def curve(losses: list[float], probs: list[float], points: int = 50) -> list[list[float]]:
+    """[step, p(t), loss] at up to ``points`` evenly spaced steps, the last step included."""
+    n, k = len(losses), min(points, len(losses))
+    picks = sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+    return [[i, probs[i], losses[i]] for i in picks]

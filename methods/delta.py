@@ -1,0 +1,279 @@
+"""DeltaLLM: consecutive blocks share weights, a follower block stores only a low-rank delta (arXiv 2501.18596).
+
+Blocks are cut into consecutive groups of ``group_size`` (the first and last block stay alone when ``keep_ends``):
+the group's first block is the base, the others follow it. For every shared linear kind a follower computes
+
+    y = W_base x + A (B x) + b_follower,        A: out x r,  B: r x in,
+
+where W_base is the base block's own nn.Linear, held by reference (one module, stored and counted once) and W is
+never materialised. The follower keeps its own bias (if the family has one) inside A's module; the base's bias is
+not used by the follower. Norms stay per block. A B starts as the rank-r truncated SVD of W_follower - W_base and is
+then distilled from the dense model with progressive module replacement (see ``methods/_delta_train.py``).
+
+Budget: each shared follower linear saves out*in - r*(out + in) parameters, so a kind is shared only where
+r*(out + in) < out*in. The solver keeps one rank r for all shared kinds and tries the MLP kinds alone first (the
+paper: MLP weights compress with less loss), then all ``shared`` kinds; within the first stage that reaches the
+target it takes the smallest r whose counted parameters are at or just above (1 - ratio) * P_dense.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench import structure
+from bench.adapters.base import get_module, set_module
+from bench.budget import count_params
+from bench.calibration import Calibration, collect_grams
+from bench.errors import UserError
+from bench.registry import CompressionInfo, Method, Solution, register
+from methods import _delta_train as training
+
+
+class DeltaLinear(nn.Module):
+    """y = base(x) without its bias + up(down(x)): a shared base weight plus a rank-r delta A B (and own bias)."""
+
+    def __init__(self, base: nn.Linear, down: nn.Linear, up: nn.Linear):
+        super().__init__()
+        self.base = base
+        self.down = down
+        self.up = up
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.rank = down.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.base.weight) + self.up(self.down(x))
+
+
+@structure.structural_op("delta_share")
+def _delta_share(model: nn.Module, adapter, base: str, module: str, rank: int) -> DeltaLinear:
+    """Replace linear ``module`` by a DeltaLinear on the (shared) linear ``base`` with an uninitialised rank-r delta."""
+    ref, shared = get_module(model, module), get_module(model, base)
+    if not isinstance(shared, nn.Linear) or (shared.out_features, shared.in_features) != (ref.out_features,
+                                                                                          ref.in_features):
+        raise ValueError(f"{base} cannot be the base of {module}: it must be an nn.Linear of the same shape")
+    w = ref.weight
+    down = nn.Linear(ref.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
+    up = nn.Linear(rank, ref.out_features, bias=ref.bias is not None, device=w.device, dtype=w.dtype)
+    new = DeltaLinear(shared, down, up)
+    set_module(model, module, new)
+    return new
+
+
+def block_groups(num_blocks: int, group_size: int, keep_ends: bool) -> list[list[int]]:
+    """Consecutive groups [base, follower, ...]; with ``keep_ends`` the first and last block stay alone."""
+    lo, hi = (1, num_blocks - 1) if keep_ends else (0, num_blocks)
+    return [list(range(s, min(s + group_size, hi))) for s in range(lo, hi, group_size)]
+
+
+def saved_params(out_f: int, in_f: int, rank: int) -> int:
+    """Parameters one follower linear saves as a rank-r delta: out*in - r*(out + in) (its bias is kept)."""
+    return out_f * in_f - rank * (out_f + in_f)
+
+
+@dataclass
+class Plan:
+    """Which follower linears become deltas on which base, at what rank, and the parameters that leaves."""
+
+    rank: int
+    kinds: list[str]
+    groups: list[list[int]]
+    params: int
+
+
+def plan(adapter, kinds: list[str], rank: int, groups: list[list[int]], dense: int) -> Plan:
+    """Share the ``kinds`` that save parameters at ``rank`` (r*(out+in) < out*in in every follower), and count."""
+    followers = [(g[0], f) for g in groups for f in g[1:]]
+    kept, removed = [], 0
+    for kind in kinds:
+        saves = []
+        for b, f in followers:
+            base, fol = adapter.linear(b, kind), adapter.linear(f, kind)
+            if base.weight.shape != fol.weight.shape:
+                raise UserError(f"delta: {kind} of blocks {b} and {f} differ in shape; they cannot share a base")
+            saves.append(saved_params(fol.out_features, fol.in_features, rank))
+        if saves and min(saves) > 0:
+            kept.append(kind)
+            removed += sum(saves)
+    return Plan(rank=rank, kinds=kept, groups=groups, params=dense - removed)
+
+
+def max_rank(adapter, kinds: list[str]) -> int:
+    """The largest rank at which any of ``kinds`` can still save parameters."""
+    sizes = [adapter.linear(0, k) for k in kinds]
+    return max((m.out_features * m.in_features // (m.out_features + m.in_features) for m in sizes), default=0)
+
+
+@register
+class DeltaLLM(Method):
+    name = "delta"
+    title = "DeltaLLM (shared base weights + low-rank deltas, distilled)"
+    paper = "arXiv 2501.18596"
+    summary = ("Consecutive blocks share their linears' weights; each follower stores a low-rank delta initialised by "
+               "SVD of its difference to the base and trained by distillation with progressive module replacement.")
+
+    @dataclass
+    class Knobs:
+        #: blocks per group: one base and group_size - 1 followers
+        group_size: int = 2
+        #: the first and last block stay unshared
+        keep_ends: bool = True
+        #: linear kinds that may be shared (adapter kinds; empty = all); the solver tries the MLP ones alone first
+        shared: list[str] = field(default_factory=list)
+        #: distillation tokens (windows of the calibration data, cycled); 0 = the SVD-initialised, untrained model
+        train_tokens: int = 16384
+        #: AdamW learning rate of the deltas
+        lr: float = 1e-3
+        #: calibration windows per training step
+        batch_size: int = 1
+        #: softmax temperature of the KL distillation loss (scaled by T^2)
+        temperature: float = 1.0
+        #: progressive module replacement: replacement probability at step 0 ...
+        pmr_start: float = 0.1
+        #: ... rising linearly to 1 over this fraction of the steps, then 1
+        pmr_warmup: float = 0.5
+        #: also train the shared base weights directly (the paper's LoRA-on-base variant is not implemented)
+        train_base: bool = False
+        #: delta init: "svd" of W_f - W_base (the paper) or "whitened" (SVD-LLM's activation-aware SVD on the calibration)
+        init: str = "svd"
+        #: calibration windows held out of training to measure the KL of the untrained and the trained model
+        eval_windows: int = 2
+
+    def _kinds(self, adapter) -> list[str]:
+        k = self.knobs
+        if k.init not in ("svd", "whitened"):
+            raise UserError(f"delta.init must be 'svd' or 'whitened', not {k.init!r}")
+        if k.group_size < 2:
+            raise UserError("delta.group_size must be >= 2 (a base and at least one follower)")
+        unknown = sorted(set(k.shared) - set(adapter.kinds()))
+        if unknown:
+            raise UserError(f"delta.shared: {adapter.family} blocks have no linear {unknown}; kinds: {adapter.kinds()}")
+        return [s for s in adapter.kinds() if not k.shared or s in k.shared]
+
+    def solve(self, adapter, ratio: float) -> Solution:
+        """Shared kinds (MLP first) and one rank r whose counted parameters are at or just above the target."""
+        kinds = self._kinds(adapter)
+        groups = block_groups(adapter.num_blocks, self.knobs.group_size, self.knobs.keep_ends)
+        dense = count_params(adapter.model)
+        if not 0 <= ratio < 1:
+            raise UserError(f"delta: ratio must be in [0, 1), not {ratio}")
+        target = (1 - ratio) * dense
+        mlp = [k for k in kinds if adapter.role_of(k).startswith("mlp")]
+        stages = [s for s in (mlp, kinds) if s]
+        best = None
+        for i, stage in enumerate(stages):
+            if i and stage == stages[i - 1]:
+                continue
+            if plan(adapter, stage, 1, groups, dense).params > target:
+                continue  # even rank 1 does not reach the target with these kinds
+            # parameters grow with r: the smallest r whose count is >= target is the closest one at or above it
+            lo, hi = 1, max_rank(adapter, stage) + 1
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if plan(adapter, stage, mid, groups, dense).params >= target:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            best = plan(adapter, stage, lo, groups, dense)
+            break
+        if best is None:
+            reach = plan(adapter, kinds, 1, groups, dense).params
+            raise UserError(f"delta: ratio {ratio} is out of reach; sharing {kinds} at rank 1 in groups of "
+                            f"{self.knobs.group_size} removes at most {1 - reach / dense:.4f} of the parameters")
+        followers = sum(len(g) - 1 for g in groups)
+        notes = (f"{followers} follower blocks share {best.kinds or 'nothing'} with their base at rank {best.rank}; "
+                 f"counted ratio {1 - best.params / dense:.4f}")
+        return Solution(knobs={"rank": best.rank, "kinds": best.kinds, "groups": best.groups},
+                        predicted_params=best.params, notes=notes)
+
+    def compress(self, model: nn.Module, adapter, calibration: Calibration, solution: Solution) -> CompressionInfo:
+        """SVD-initialise the deltas of the solved plan, then distil (unless train_tokens=0); details say how well."""
+        k = self.knobs
+        n_eval = max(0, min(k.eval_windows, calibration.n_samples - 1))  # at least one window left to train on
+        self._kinds(adapter)
+        n_train = calibration.n_samples - n_eval
+        heldout, train_windows = calibration.tokens[n_train:], calibration.tokens[:n_train]
+        grams = None
+        if k.init == "whitened":  # statistics of the training windows only, so the held-out KL stays held out
+            sub = Calibration(tokens=train_windows, seed=calibration.seed, batch_size=calibration.batch_size)
+            grams = collect_grams(model, adapter, sub)
+        teacher = copy.deepcopy(model).eval() if (k.train_tokens > 0 or n_eval > 0) else None
+        if teacher is not None:
+            teacher.requires_grad_(False)
+        deltas = share(model, adapter, solution.knobs, grams)
+        details: dict = {"init": k.init, "rank": solution.knobs["rank"], "kinds": solution.knobs["kinds"],
+                         "groups": solution.knobs["groups"], "deltas": len(deltas), "loss": "KL(teacher || student)"}
+        if teacher is None:
+            return CompressionInfo(train_tokens=0, details=details)
+        probe = train_windows[: max(n_eval, 1)]
+        bs = calibration.batch_size
+        kl = {"heldout_untrained": training.eval_kl(model, teacher, heldout, bs) if n_eval else None,
+              "train_untrained": training.eval_kl(model, teacher, probe, bs)}
+        tokens = 0
+        if k.train_tokens > 0:
+            params = [p for d in deltas for p in (d.down.weight, d.up.weight)]
+            if k.train_base:
+                params += list({id(d.base.weight): d.base.weight for d in deltas}.values())
+            changed = sorted({b for g in solution.knobs["groups"] for b in (g if k.train_base else g[1:])})
+            cfg = training.TrainConfig(tokens=k.train_tokens, batch_size=k.batch_size, lr=k.lr,
+                                       temperature=k.temperature, pmr_start=k.pmr_start, pmr_warmup=k.pmr_warmup,
+                                       seed=calibration.seed)
+            log = training.train(model, adapter, teacher, train_windows, params, changed, cfg)
+            tokens = log["tokens"]
+            details["train"] = log
+            kl["heldout_trained"] = training.eval_kl(model, teacher, heldout, bs) if n_eval else None
+            kl["train_trained"] = training.eval_kl(model, teacher, probe, bs)
+        details["kl"] = kl
+        details["kl_windows"] = {"heldout": n_eval, "train_probe": int(probe.shape[0])}
+        return CompressionInfo(train_tokens=tokens, details=details)
+
+
+@torch.no_grad()
+def share(model: nn.Module, adapter, knobs: dict, grams: dict | None = None) -> list[DeltaLinear]:
+    """Replace every follower linear of the plan by a DeltaLinear whose A B is the rank-r SVD of W_f - W_base.
+
+    ``grams`` ({(block, role): G} of the dense model) makes it the activation-aware SVD of the follower's input.
+    """
+    out = []
+    for g in knobs["groups"]:
+        for f in g[1:]:
+            for kind in knobs["kinds"]:
+                fol = adapter.linear(f, kind)
+                w_f, b_f = fol.weight.detach().clone(), None if fol.bias is None else fol.bias.detach().clone()
+                rank = min(int(knobs["rank"]), fol.out_features, fol.in_features)
+                delta = structure.apply(model, adapter, "delta_share", base=adapter.linear_name(g[0], kind),
+                                        module=adapter.linear_name(f, kind), rank=rank)
+                gram = None if grams is None else grams[(f, adapter.role_of(kind))]
+                a, b = svd_factors(w_f - delta.base.weight, rank, gram)
+                delta.up.weight.copy_(a)
+                delta.down.weight.copy_(b)
+                if b_f is not None:
+                    delta.up.bias.copy_(b_f)
+                out.append(delta)
+    return out
+
+
+def svd_factors(diff: torch.Tensor, rank: int, gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r A B of ``diff`` split evenly: A = U_r S_r^(1/2), B = S_r^(1/2) V_r^T (float64 on CPU).
+
+    With the input Gram G = sum x x^T (``gram``) it minimises ||(diff - A B) X||_F instead, as SVD-LLM does:
+    L = cholesky(G + eps I), SVD of diff L = U S V^T, A = U_r S_r^(1/2), B = S_r^(1/2) V_r^T L^(-1).
+    """
+    work = diff.double() if diff.device.type == "cpu" else diff.float()
+    chol = None
+    if gram is not None:
+        g = gram.to(work)
+        g = g + 1e-5 * g.diagonal().mean().clamp(min=1e-12) * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+        chol = torch.linalg.cholesky(g)
+        work = work @ chol
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    root = s[:rank].sqrt()
+    a, b = u[:, :rank] * root, root[:, None] * vh[:rank]
+    if chol is not None:
+        b = torch.linalg.solve_triangular(chol, b, upper=False, left=False)  # B L = S^(1/2) V^T
+    return a.to(diff.dtype), b.to(diff.dtype)
