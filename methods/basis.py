@@ -146,14 +146,15 @@ def refit(model, adapter, calibration: Calibration, coeffs) -> dict:
         dgd = dgd + 1e-10 * dgd.diagonal().mean() * torch.eye(dgd.shape[0], dtype=dgd.dtype, device=dgd.device)
         c = torch.linalg.solve(dgd, d @ g @ w.T).T  # (W G D^T) (D G D^T)^-1, solved without an inverse
 
-        def err(coef):  # ||W X - C D X||_F^2 = tr(E G E^T), E = W - C D
-            e = w - coef @ d
-            return float(((e @ g) * e).sum())
-
-        total += float(((w @ g) * w).sum())
-        before += err(c_old)
-        after += err(c)
+        total += _gram_norm2(w, g)
+        before += _gram_norm2(w - c_old @ d, g)
+        after += _gram_norm2(w - c @ d, g)
         lin.up.weight.data.copy_(c.to(lin.up.weight))
     scale = max(total, 1e-30)
     return {"layers": len(coeffs), "relative_error_before": (before / scale) ** 0.5,
             "relative_error_after": (after / scale) ** 0.5}
+
+
+def _gram_norm2(e: torch.Tensor, g: torch.Tensor) -> float:
+    """||E X||_F^2 = tr(E G E^T) from the Gram G = X X^T."""
+    return float(((e @ g) * e).sum())

@@ -81,7 +81,7 @@ def make_tiny(family: str = "llama", seed: int = 0, vocab_size: int = 384, **ove
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # random init of norms is all ones; perturb so that norm folding and scaling are really tested
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model.eval()

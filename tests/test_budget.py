@@ -1,11 +1,11 @@
 """The parameter counter: storage-based, whole model, tied and shared tensors once."""
 
 import torch
+from conftest import make_tiny
 
 from bench import structure
 from bench.adapters import get_adapter
 from bench.budget import budget_report, count_block_matrix_params, count_params, linear_only_ratio
-from conftest import make_tiny
 
 
 def test_tied_embeddings_count_once():

@@ -3,11 +3,11 @@
 import json
 
 import torch
+from conftest import make_tiny
 
 from bench import checkpoint, structure
 from bench.adapters import get_adapter
 from bench.budget import count_params
-from conftest import make_tiny
 
 
 def _edit(model):
