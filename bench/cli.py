@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--calib-samples", type=int, default=None, help="override calibration windows")
     r.add_argument("--calib-seq-len", type=int, default=None, help="override calibration window length")
     r.add_argument("--set", dest="knobs", action="append", default=[], metavar="METHOD.KNOB=VALUE",
-                   help="set a method knob, e.g. --set svdllm.update=true (repeatable)")
+                   help="set a method knob, e.g. --set basis.group_size=4 (repeatable)")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     r.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
     r.add_argument("--tolerance", type=float, default=None, help="allowed |achieved - target| ratio (default 0.02)")
