@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--calib-seq-len", type=int, default=None, help="override calibration window length")
     r.add_argument("--set", dest="knobs", action="append", default=[], metavar="METHOD.KNOB=VALUE",
                    help="set a method knob, e.g. --set basis.group_size=4 (repeatable)")
+    r.add_argument("--train-tokens", type=int, default=None,
+                   help="training tokens for every selected method that trains (a train_tokens knob); "
+                        "0 = untrained; GPU users give the papers' tens of millions")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     r.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
     r.add_argument("--tolerance", type=float, default=None, help="allowed |achieved - target| ratio (default 0.02)")
@@ -82,6 +85,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _apply_train_tokens(methods: list[str], knobs: dict[str, dict], tokens: int) -> None:
+    """Set ``train_tokens`` for every selected method that has that knob (an explicit --set wins)."""
+    import dataclasses
+
+    from bench.registry import get_method
+
+    if tokens < 0:
+        raise UserError(f"--train-tokens {tokens}: give 0 (untrained) or a positive number of tokens")
+    trainers = [m for m in methods if "train_tokens" in {f.name for f in dataclasses.fields(get_method(m).Knobs)}]
+    if not trainers:
+        raise UserError(f"--train-tokens: none of {', '.join(methods)} trains; it applies to methods with a "
+                        f"train_tokens knob (see `bench list methods`)")
+    for m in trainers:
+        knobs.setdefault(m, {}).setdefault("train_tokens", str(tokens))
+
+
 def cmd_run(args) -> int:
     from rich.console import Console
 
@@ -98,8 +117,11 @@ def cmd_run(args) -> int:
         tasks = () if args.tasks == "none" else tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     suite = get_suite(args.suite, tasks=tasks, task_limit=args.limit, calib_samples=args.calib_samples,
                       calib_seq_len=args.calib_seq_len)
+    knobs = _knobs(args.knobs)
+    if args.train_tokens is not None:
+        _apply_train_tokens(methods, knobs, args.train_tokens)
     cfg = RunConfig(model=args.model, methods=methods, ratios=_floats(args.ratio), seeds=_ints(args.seeds),
-                    suite=suite, knobs=_knobs(args.knobs), device=args.device, dtype=args.dtype,
+                    suite=suite, knobs=knobs, device=args.device, dtype=args.dtype,
                     cache=args.cache_dir, results_dir=args.results_dir, save_checkpoints=not args.no_save,
                     tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance, force=args.force)
     console = Console()

@@ -60,6 +60,7 @@ def _run(tmp_path, model_dir, *extra):
         (["run", "--set", "oops"], "METHOD.KNOB=VALUE"),
         (["run", "--dtype", "int3"], "unknown dtype"),
         (["run", "--device", "tpu"], "unknown device"),
+        (["run", "--methods", "shortgpt", "--train-tokens", "100"], "none of shortgpt trains"),
         (["leaderboard", "--results-dir", "/nonexistent/results"], "no results folder"),
     ],
 )

@@ -201,6 +201,8 @@ def zero_shot(
     lm_names = resolve_tasks(tasks)
     manager = task_manager(stock=any(n not in LOCAL_TASKS for n in tasks))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    if not sys.stderr.isatty():  # lm-eval's request bar floods logs; keep it only on a terminal
+        lm.loglikelihood = functools.partial(lm.loglikelihood, disable_tqdm=True)
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=lm_names,
