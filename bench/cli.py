@@ -123,7 +123,8 @@ def cmd_run(args) -> int:
     cfg = RunConfig(model=args.model, methods=methods, ratios=_floats(args.ratio), seeds=_ints(args.seeds),
                     suite=suite, knobs=knobs, device=args.device, dtype=args.dtype,
                     cache=args.cache_dir, results_dir=args.results_dir, save_checkpoints=not args.no_save,
-                    tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance, force=args.force)
+                    tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance, force=args.force,
+                    record_refusals=args.methods == "all")
     console = Console()
     t0 = time.perf_counter()
     with RichEvents(console) as events:

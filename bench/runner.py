@@ -46,6 +46,9 @@ class RunConfig:
     save_checkpoints: bool = True
     tolerance: float = DEFAULT_TOLERANCE
     force: bool = False
+    #: a method that refuses a ratio or the model (its solver raises) is recorded as failed and the run goes on;
+    #: when False (methods named one by one) such a refusal is bad input and stops the run before any work
+    record_refusals: bool = False
 
 
 @dataclass
@@ -96,7 +99,7 @@ def run(cfg: RunConfig, events: Events | None = None) -> list[Record]:
     adapter = get_adapter(loaded.model)
     dense_params = count_params(loaded.model)
     dense_linear = count_block_matrix_params(adapter)
-    solutions = {(m, r): inst.solve(adapter, r) for m, inst in instances.items() for r in cfg.ratios}
+    solutions, refused = _solve_all(cfg, instances, adapter)
     env = environment(loaded.device)
     model_info = {"name": loaded.name, "spec": cfg.model, "source": loaded.source, "path": loaded.path,
                   "family": adapter.family, "dtype": loaded.dtype, "params": dense_params,
@@ -124,6 +127,12 @@ def run(cfg: RunConfig, events: Events | None = None) -> list[Record]:
         if existing is not None:
             records.append(existing)
             events.done(cell, existing, record_path(cfg.results_dir, existing), reused=True)
+            continue
+        if (cell.method, cell.ratio) in refused:
+            rec.status, rec.error = "failed", f"refused: {refused[(cell.method, cell.ratio)]}"
+            rec.finished = now()
+            records.append(rec)
+            events.done(cell, rec, write_record(cfg.results_dir, rec), reused=False)
             continue
         if model is None:
             model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.cache).model
@@ -158,6 +167,22 @@ def run(cfg: RunConfig, events: Events | None = None) -> list[Record]:
         records.append(rec)
         events.done(cell, rec, path, reused=False)
     return records
+
+
+def _solve_all(cfg: RunConfig, instances: dict[str, Method], adapter) -> tuple[dict, dict]:
+    """Every (method, ratio) solution, and the refusals: {(method, ratio): message}."""
+    solutions, refused = {}, {}
+    for m, inst in instances.items():
+        for r in cfg.ratios:
+            try:
+                solutions[(m, r)] = inst.solve(adapter, r)
+            except UserError as err:
+                refused[(m, r)] = str(err)
+    if refused and not cfg.record_refusals:
+        (m, r), msg = next(iter(refused.items()))
+        more = f" (and {len(refused) - 1} more refusals)" if len(refused) > 1 else ""
+        raise UserError(f"{msg}{more}; drop {m} or ratio {r}, or use --methods all to record refusals and go on")
+    return solutions, refused
 
 
 def _existing(cfg: RunConfig, rec: Record) -> Record | None:

@@ -73,3 +73,30 @@ def test_end_to_end_run_writes_records_and_a_leaderboard(tmp_path, tiny_model_di
     board = (tmp_path / "lb" / "leaderboard.md").read_text()
     assert all(m in board for m in ("dense", "svdllm", "basis", "shortgpt"))
     assert (tmp_path / "lb" / "leaderboard.csv").exists()
+
+
+@pytest.mark.parametrize("fam", ["mistral", "qwen2", "phi3", "gemma", "gemma2", "gemma3"])
+def test_methods_all_runs_on_every_family_from_a_folder(fam, tmp_path, tiny_tokenizer):
+    """`bench run --methods all` on a saved model of each family: every method gives a record, refusals included."""
+    model = make_tiny(fam, num_hidden_layers=6, vocab_size=len(tiny_tokenizer))
+    model.config.bos_token_id = model.config.eos_token_id = tiny_tokenizer.eos_token_id
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    rc = main(["run", "--model", str(tmp_path / "model"), "--methods", "all", "--ratio", "0.2",
+               "--results-dir", str(tmp_path / "results"), "--leaderboard-dir", str(tmp_path / "lb"),
+               "--cache-dir", str(tmp_path / "cache"), "--tasks", "none", "--calib-samples", "4",
+               "--calib-seq-len", "32", "--train-tokens", "64", "--set", "slicegpt.round_to=1", "--no-save"])
+    records, problems = load_records(tmp_path / "results")
+    assert not problems
+    by = {r.method: r for r in records}
+    assert set(by) == {"dense", *METHODS}
+    failed = {m: r.error for m, r in by.items() if r.status != "ok"}
+    if fam in ("gemma2", "gemma3"):  # post-norms break SliceGPT's invariance: refused with the reason
+        assert set(failed) == {"slicegpt"} and "does not support" in failed["slicegpt"] and rc == 1
+    else:
+        assert not failed and rc == 0
+    for m, rec in by.items():
+        if rec.status == "ok" and m != "dense":
+            assert rec.budget["params_compressed"] == rec.solution["predicted_params"]
+            assert math.isfinite(rec.metrics["perplexity"])
+    assert by["delta"].cost["train_tokens"] >= 64

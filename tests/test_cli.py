@@ -61,6 +61,7 @@ def _run(tmp_path, model_dir, *extra):
         (["run", "--dtype", "int3"], "unknown dtype"),
         (["run", "--device", "tpu"], "unknown device"),
         (["run", "--methods", "shortgpt", "--train-tokens", "100"], "none of shortgpt trains"),
+        (["run", "--methods", "svdllm", "--ratio", "0.99"], "beyond reach"),
         (["leaderboard", "--results-dir", "/nonexistent/results"], "no results folder"),
     ],
 )
