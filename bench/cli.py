@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not sys.stderr.isatty():  # libraries' tqdm bars would flood logs; rich shows the progress that matters
+        os.environ.setdefault("TQDM_DISABLE", "1")
     args = _parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
