@@ -85,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _console():
+    """A rich console; when output goes to a file or pipe, wide enough that the leaderboard is not folded."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=220)
+
+
 def _apply_train_tokens(methods: list[str], knobs: dict[str, dict], tokens: int) -> None:
     """Set ``train_tokens`` for every selected method that has that knob (an explicit --set wins)."""
     import dataclasses
@@ -102,8 +109,6 @@ def _apply_train_tokens(methods: list[str], knobs: dict[str, dict], tokens: int)
 
 
 def cmd_run(args) -> int:
-    from rich.console import Console
-
     from bench import leaderboard
     from bench.budget import DEFAULT_TOLERANCE
     from bench.display import RichEvents
@@ -125,7 +130,7 @@ def cmd_run(args) -> int:
                     cache=args.cache_dir, results_dir=args.results_dir, save_checkpoints=not args.no_save,
                     tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance, force=args.force,
                     record_refusals=args.methods == "all")
-    console = Console()
+    console = _console()
     t0 = time.perf_counter()
     with RichEvents(console) as events:
         records = run(cfg, events)
@@ -144,14 +149,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from rich.console import Console
-
     from bench import leaderboard
 
     if not Path(args.results_dir).is_dir():
         raise UserError(f"no results folder {args.results_dir!r}; run `bench run` first or pass --results-dir")
     df, problems, paths = leaderboard.write(args.results_dir, args.out)
-    console = Console()
+    console = _console()
     for line in problems:
         console.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
     if not df.empty:
@@ -162,10 +165,9 @@ def cmd_leaderboard(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     if args.what in ("all", "methods"):
         from bench.registry import available
 
