@@ -1,4 +1,4 @@
-"""Leaderboards generated from the stored records only: Markdown, CSV and a rich terminal table."""
+"""Leaderboards generated from the stored records only: Markdown, CSV, HTML with plots, a rich terminal table."""
 
 from __future__ import annotations
 
@@ -115,6 +115,9 @@ def write(results_dir: str | Path, out_dir: str | Path) -> tuple[pd.DataFrame, l
     paths = [out / "leaderboard.md", out / "leaderboard.csv"]
     paths[0].write_text(markdown(df) if not df.empty else "# slimbench leaderboard\n\nNo records yet.\n")
     df.to_csv(paths[1], index=False)
+    from bench import report  # matplotlib only when files are written
+
+    paths += report.write(records, out, problems)
     return df, problems, paths
 
 

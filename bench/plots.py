@@ -1,0 +1,156 @@
+"""Figures of the leaderboard, drawn from the seed-averaged cells of ``report.cells``.
+
+Each ``draw_*`` function fills one axes for one (model, suite); ``figure`` puts one axes per (model, suite)
+side by side. The same figures become inline SVG in ``index.html`` and PNG files for papers. Error bars
+span the min-max over seeds; a red ring marks a cell that missed its parameter budget.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import LogFormatter
+
+from bench.leaderboard import COLUMNS, DENSE, TASK_SHORT
+
+Draw = Callable[[Axes, pd.DataFrame], None]
+
+
+def _ok(cells: pd.DataFrame) -> pd.DataFrame:
+    return cells[cells["status"] == "ok"]
+
+
+def _colours(cells: pd.DataFrame) -> dict[str, str]:
+    methods = [m for m in dict.fromkeys(cells["method"]) if m != DENSE]
+    return {m: f"C{i % 10}" for i, m in enumerate(methods)}
+
+
+def _err(c: pd.DataFrame, col: str, scale: float = 1.0):
+    """Asymmetric error bars from the mean to the min and max over seeds."""
+    return [scale * (c[col] - c[f"{col}_min"]).fillna(0).to_numpy(),
+            scale * (c[f"{col}_max"] - c[col]).fillna(0).to_numpy()]
+
+
+def _missed(c: pd.DataFrame) -> pd.Series:
+    return c["budget"].astype(str).str.startswith("MISSED")
+
+
+def _by_method(ax: Axes, cells: pd.DataFrame, x: str, y: str, x_scale: float) -> None:
+    """One line per method through its cells (sorted by x), the dense model as a star and a dashed line."""
+    ok = _ok(cells)
+    ok = ok[ok[x].notna() & ok[y].notna()]
+    dense = ok[ok["method"] == DENSE]
+    if not dense.empty:
+        ax.axhline(dense[y].iloc[0], color="grey", ls="--", lw=1)
+        ax.plot(x_scale * dense[x].iloc[0], dense[y].iloc[0], "*", color="black", ms=12, label=DENSE, zorder=4)
+    for method, colour in _colours(cells).items():
+        c = ok[ok["method"] == method].sort_values(x)
+        if c.empty:
+            continue
+        ax.errorbar(x_scale * c[x], c[y], yerr=_err(c, y), xerr=_err(c, x, x_scale), marker="o", capsize=3,
+                    color=colour, label=method)
+    missed = ok[_missed(ok)]
+    if not missed.empty:
+        ax.scatter(x_scale * missed[x], missed[y], s=160, facecolors="none", edgecolors="red", lw=1.5, zorder=5)
+        ax.legend(handles=[*ax.get_legend_handles_labels()[0],
+                           Line2D([], [], ls="", marker="o", ms=10, mfc="none", mec="red", label="missed budget")],
+                  fontsize="small")
+    elif len(ok):
+        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+
+
+def draw_accuracy(ax: Axes, cells: pd.DataFrame) -> None:
+    _by_method(ax, cells, "achieved", "mean_acc", 100)
+    ax.set_xlabel("achieved ratio (% of parameters removed)")
+    ax.set_ylabel("mean zero-shot accuracy")
+
+
+def draw_perplexity(ax: Axes, cells: pd.DataFrame) -> None:
+    _by_method(ax, cells, "achieved", "ppl", 100)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+    ax.set_xlabel("achieved ratio (% of parameters removed)")
+    ax.set_ylabel("perplexity (log scale)")
+
+
+def draw_speed(ax: Axes, cells: pd.DataFrame) -> None:
+    _by_method(ax, cells, "params_M", "decode_tok_s", 1)
+    ax.set_xlabel("unique stored parameters (millions)")
+    ax.set_ylabel("greedy decode tokens/s")
+
+
+def draw_tasks(ax: Axes, cells: pd.DataFrame) -> None:
+    """Grouped bars: for each task, one bar per (method, target) cell, the dense model first and black;
+    a method's colour fades as its target ratio grows."""
+    ok = _ok(cells)
+    tasks = [t for t in task_columns(cells) if ok[t].notna().any()]
+    if ok.empty or not tasks:
+        return
+    colours = _colours(cells)
+    width = 0.8 / len(ok)
+    for i, (_, row) in enumerate(ok.iterrows()):
+        same = ok[ok["method"] == row["method"]]["target"].rank(method="dense")
+        fade = 0.0 if len(same) < 2 else (same[row.name] - 1) / (same.max() - 1 or 1)
+        dense = row["method"] == DENSE
+        ax.bar([j - 0.4 + (i + 0.5) * width for j in range(len(tasks))], [row[t] for t in tasks], width,
+               yerr=[[row[t] - row[f"{t}_min"] for t in tasks], [row[f"{t}_max"] - row[t] for t in tasks]]
+               if row["n"] > 1 else None, capsize=1.5, color="black" if dense else colours[row["method"]], alpha=1 - 0.55 * fade,
+               label=DENSE if dense else f"{row['method']} @ {100 * row['target']:.0f}%")
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("accuracy (acc_norm, else acc)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="x-small", ncols=1 + len(ok) // 10)
+
+
+def task_columns(cells: pd.DataFrame) -> list[str]:
+    """The per-task accuracy columns: every seed-averaged column that is not a fixed leaderboard column."""
+    fixed = set(COLUMNS) - set(TASK_SHORT.values())
+    return [c.removesuffix("_min") for c in cells.columns if c.endswith("_min") and c.removesuffix("_min") not in fixed]
+
+
+def figure(draw: Draw, groups: list[tuple[str, pd.DataFrame]], size: tuple[float, float] = (6.4, 4.2)) -> Figure:
+    """One axes per (title, cells) group, side by side."""
+    fig = Figure(figsize=(size[0] * len(groups), size[1]), layout="constrained")
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    for ax, (title, cells) in zip(axes, groups, strict=True):
+        draw(ax, cells)
+        ax.set_title(title, fontsize="medium")
+    return fig
+
+
+def svg(fig: Figure, salt: str) -> str:
+    """The figure as an ``<svg>`` element to inline in HTML: text as text, no XML prologue or metadata,
+    no namespace URLs; ``salt`` keeps element ids unique among several figures on one page."""
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt}):
+        fig.savefig(buf, format="svg", metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
+    text = buf.getvalue()
+    text = text[text.index("<svg"):]
+    for ns in (' xmlns="http://www.w3.org/2000/svg"', ' xmlns:xlink="http://www.w3.org/1999/xlink"'):
+        text = text.replace(ns, "", 1)
+    return text
+
+
+PNGS: dict[str, Draw] = {"accuracy_vs_ratio.png": draw_accuracy, "perplexity_vs_ratio.png": draw_perplexity,
+                         "speed_vs_size.png": draw_speed}
+
+
+def write_pngs(groups: list[tuple[str, pd.DataFrame]], out_dir: Path, dpi: int = 150) -> list[Path]:
+    """The figures of ``PNGS`` (all groups side by side) as PNG files in ``out_dir``, through Agg."""
+    paths = []
+    for name, draw in PNGS.items():
+        fig = figure(draw, groups)
+        FigureCanvasAgg(fig)
+        fig.savefig(out_dir / name, dpi=dpi)
+        paths.append(out_dir / name)
+    return paths

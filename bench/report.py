@@ -1,0 +1,201 @@
+"""``leaderboard/index.html``: the leaderboard as one self-contained page (inline CSS, JS and SVG).
+
+It opens from the file system with no server and no network. A section per (model, suite): a table of
+every cell averaged over its seeds (min-max under the mean), sortable by clicking a header or with
+``#sort=ppl`` / ``#sort=-ppl`` in the URL, the dense row always on top; accuracy cells coloured by the
+share of the dense model's accuracy they keep; failed cells with their error; budget misses flagged.
+Then the figures of ``bench.plots`` as inline SVG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from html import escape
+from pathlib import Path
+
+import pandas as pd
+
+from bench import plots
+from bench.leaderboard import COLUMNS, DENSE, TASK_SHORT, _fmt, frame
+from bench.records import Record
+
+KEYS = ["model", "suite", "method", "target"]
+TEXT = ["model", "suite", "method", "seed", "budget", "status"]
+FLOOR = 0.6  # a share of the dense accuracy at or below this is full red; 1.0 and above full green
+FIGURES = [("accuracy", plots.draw_accuracy, (6.4, 4.2)), ("perplexity", plots.draw_perplexity, (6.4, 4.2)),
+           ("speed", plots.draw_speed, (6.4, 4.2)), ("tasks", plots.draw_tasks, (9.6, 4.2))]
+
+
+def _labelled(r: Record) -> Record:
+    """A method run with overridden knobs is a row of its own, e.g. ``basis (group_size=3)``."""
+    if not r.knob_overrides:
+        return r
+    knobs = ", ".join(f"{k}={v}" for k, v in sorted(r.knob_overrides.items()))
+    return dataclasses.replace(r, method=f"{r.method} ({knobs})")
+
+
+def cells(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per ok (model, suite, method, target): the mean over seeds of every metric, with ``<col>_min``,
+    ``<col>_max``, ``seeds`` and ``n``; each failed seed as a row of its own. Dense first, then by target."""
+    num = [c for c in df.columns if c not in TEXT and c != "target"]
+    df = df.assign(**{c: pd.to_numeric(df[c], errors="coerce") for c in num})
+    ok = df[df["status"] == "ok"]
+    g = ok.groupby(KEYS, sort=False)
+    out = pd.concat([g[num].mean(), g[num].min().add_suffix("_min"), g[num].max().add_suffix("_max")], axis=1)
+    out["seeds"] = g["seed"].agg(lambda s: ",".join(map(str, sorted(s))))
+    out["n"] = g.size()
+    out["budget"] = g["budget"].agg(lambda s: next((f for f in s if str(f).startswith("MISSED")), s.iloc[0]))
+    out["status"] = "ok"
+    failed = df[df["status"] != "ok"].assign(seeds=lambda d: d["seed"].astype(str), n=1).drop(columns="seed")
+    rows = pd.concat([x for x in (out.reset_index(), failed) if len(x)], ignore_index=True)
+    rows["_rest"] = rows["method"] != DENSE
+    rows.loc[~rows["_rest"], "achieved"] = rows.loc[~rows["_rest"], "achieved"].fillna(0.0)
+    rows = rows.sort_values(["model", "suite", "_rest", "target", "mean_acc"],
+                            ascending=[True, True, True, True, False], na_position="last")
+    return rows.drop(columns="_rest").reset_index(drop=True)
+
+
+def _columns(rows: pd.DataFrame) -> list[str]:
+    """The leaderboard's columns with ``seeds`` for ``seed`` and the tasks actually present; empty ones dropped."""
+    fixed = ["seeds" if c == "seed" else c for c in COLUMNS if c not in TASK_SHORT.values()]
+    at = fixed.index("retained") + 1
+    cols = [*fixed[:at], *plots.task_columns(rows), *fixed[at:]]
+    return [c for c in cols if c in ("method", "seeds", "budget", "status") or rows[c].notna().any()]
+
+
+def _shade(share: float) -> str:
+    """Red at or below ``FLOOR`` of the dense accuracy, through yellow, to green at 100 % and above."""
+    if share is None or not math.isfinite(share):
+        return ""
+    hue = 120 * min(1.0, max(0.0, (share - FLOOR) / (1 - FLOOR)))
+    return f' style="background:hsl({hue:.0f},70%,82%)"'
+
+
+def _td(row: pd.Series, col: str, dense: pd.Series | None, tasks: list[str]) -> str:
+    value = row[col]
+    if col in ("method", "budget", "status", "seeds"):
+        cls = {"method": "text", "budget": "flag" if str(value).startswith("MISSED") else "",
+               "status": "err text" if value != "ok" else "", "seeds": ""}[col]
+        key = row["n"] if col == "seeds" else value
+        return f'<td data-v="{escape(str(key))}" class="{cls}">{escape(str(value))}</td>'
+    if value is None or not math.isfinite(value):
+        return '<td data-v="">-</td>'
+    text = escape(_fmt(value, col))
+    lo, hi = row.get(f"{col}_min"), row.get(f"{col}_max")
+    if row["n"] > 1 and lo is not None and math.isfinite(lo) and lo != hi:
+        text += f"<small>{escape(_fmt(lo, col))}–{escape(_fmt(hi, col))}</small>"
+    style = ""
+    if col in ("mean_acc", "retained"):
+        style = _shade(row["retained"])
+    elif col in tasks and dense is not None and dense[col]:
+        style = _shade(value / dense[col])
+    return f'<td data-v="{float(value)!r}"{style}>{text}</td>'
+
+
+def _tr(row: pd.Series, cols: list[str], dense: pd.Series | None, tasks: list[str]) -> str:
+    cls = "failed" if row["status"] != "ok" else "missed" if str(row["budget"]).startswith("MISSED") else ""
+    return f'<tr class="{cls}">' + "".join(_td(row, c, dense, tasks) for c in cols) + "</tr>\n"
+
+
+def _section(title: str, rows: pd.DataFrame, index: int) -> str:
+    cols, tasks = _columns(rows), plots.task_columns(rows)
+    ok_dense = rows[(rows["method"] == DENSE) & (rows["status"] == "ok")]
+    dense = ok_dense.iloc[0] if len(ok_dense) else None
+    pinned = rows["method"] == DENSE
+    body = ["".join(_tr(r, cols, dense, tasks) for _, r in part.iterrows()) for part in (rows[pinned], rows[~pinned])]
+    head = "".join(f'<th data-key="{escape(c)}">{escape(c)}</th>' for c in cols)
+    figures = "".join(plots.svg(plots.figure(draw, [(title, rows)], size), salt=f"{index}-{name}")
+                      for name, draw, size in FIGURES)
+    n_ok, n_failed = int(rows.loc[rows["status"] == "ok", "n"].sum()), int((rows["status"] != "ok").sum())
+    return (f'<section><h2>{escape(title)}</h2><p class="note">{n_ok} ok cells, {n_failed} failed.</p>\n'
+            f'<div class="wrap"><table class="board"><thead><tr>{head}</tr></thead>\n'
+            f'<tbody class="pinned">{body[0]}</tbody>\n<tbody>{body[1]}</tbody></table></div>\n'
+            f'<div class="plots">{figures}</div></section>\n')
+
+
+def write(records: list[Record], out_dir: str | Path, problems: Iterable[str] = ()) -> list[Path]:
+    """Write ``index.html`` and the PNG figures beside it from ``records``; returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df = frame([_labelled(r) for r in records])
+    groups = []
+    if not df.empty:
+        groups = [(f"{model} — suite {suite}", g.reset_index(drop=True))
+                  for (model, suite), g in cells(df).groupby(["model", "suite"], sort=True)]
+    body = "".join(_section(title, rows, i) for i, (title, rows) in enumerate(groups)) or "<p>No records yet.</p>"
+    problems = list(problems)
+    if problems:
+        items = "".join(f"<li>{escape(p)}</li>" for p in problems)
+        body += f"<details><summary>{len(problems)} files skipped</summary><ul>{items}</ul></details>"
+    path = out / "index.html"
+    path.write_text(PAGE.format(css=CSS, body=body, js=JS), encoding="utf-8")
+    return [path, *(plots.write_pngs(groups, out) if groups else [])]
+
+
+CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
+.wrap{overflow-x:auto}
+table.board{border-collapse:collapse;font-variant-numeric:tabular-nums;margin:.5em 0 1.5em}
+th,td{border:1px solid #ddd;padding:3px 6px;text-align:right;vertical-align:top;white-space:nowrap}
+th{background:#f2f2f2;cursor:pointer;user-select:none;text-align:center}
+th[aria-sort=ascending]::after{content:" \\25B2"} th[aria-sort=descending]::after{content:" \\25BC"}
+td.text{text-align:left} td.err{color:#a00;white-space:normal;min-width:30ch;max-width:60ch}
+td small{display:block;color:#666;font-size:80%}
+tbody.pinned tr{font-weight:600} tbody.pinned tr:last-child td{border-bottom:2px solid #888}
+tr.failed td{background:#fbe9e9} td.flag{background:#ffe9a8;color:#7a4d00;font-weight:600}
+.plots{display:flex;flex-wrap:wrap;gap:1em} .plots svg{max-width:100%;height:auto}
+.note{color:#555}
+"""
+
+JS = """
+// Every table sorts by the column the URL fragment names (#sort=ppl ascending, #sort=-ppl descending);
+// a header click sets the fragment. The dense row (first tbody) never moves; missing values sort last.
+function cmp(x, y) {
+  const a = Number(x), b = Number(y);
+  return isNaN(a) || isNaN(b) ? x.localeCompare(y) : a - b;
+}
+function applySort() {
+  const m = /sort=(-?)([^&]+)/.exec(location.hash);
+  if (!m) return;
+  const desc = m[1] === '-', key = decodeURIComponent(m[2]);
+  for (const table of document.querySelectorAll('table.board')) {
+    const ths = [...table.tHead.rows[0].cells];
+    const col = ths.findIndex(th => th.dataset.key === key);
+    if (col < 0) continue;
+    const body = table.tBodies[1], v = r => r.cells[col].dataset.v;
+    const rows = [...body.rows].sort((r, s) => {
+      const x = v(r), y = v(s);
+      if (x === '' || y === '') return (x === '') - (y === '');
+      return desc ? cmp(y, x) : cmp(x, y);
+    });
+    body.append(...rows);
+    ths.forEach(th => th.removeAttribute('aria-sort'));
+    ths[col].setAttribute('aria-sort', desc ? 'descending' : 'ascending');
+  }
+}
+document.addEventListener('click', e => {
+  const th = e.target.closest('table.board th');
+  if (!th) return;
+  const asc = th.getAttribute('aria-sort') === 'ascending';
+  location.hash = 'sort=' + (asc ? '-' : '') + encodeURIComponent(th.dataset.key);
+});
+window.addEventListener('hashchange', applySort);
+applySort();
+"""
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>slimbench leaderboard</title><style>{css}</style></head>
+<body><h1>slimbench leaderboard</h1>
+<p class="note">Generated by <code>bench leaderboard</code> from the records under <code>results/</code>; do not
+edit by hand. ratio = share of the whole model's unique stored parameters removed, counted on the compressed
+model. Several seeds: the mean, with min&ndash;max beneath it and as error bars. Colour: the share of the dense
+model's mean zero-shot accuracy kept (per task: of the dense model's accuracy on that task), red at 60&nbsp;% or
+less, green at 100&nbsp;%. <b>MISSED</b>: the achieved ratio is further from the target than the tolerance (a
+red ring in the plots). Click a column header to sort (again to reverse); the dense row stays on top.</p>
+{body}
+<script>{js}</script>
+</body></html>
+"""

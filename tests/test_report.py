@@ -1,0 +1,361 @@
+"""index.html and the PNG plots: every cell in a self-contained page, seeds averaged, sorting that works in a
+real (headless) browser with the dense row kept on top."""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import os
+import re
+import select
+import shutil
+import struct
+import subprocess
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from bench import leaderboard
+from bench.cli import main
+from bench.records import Record, write_record
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+         "--no-default-browser-check", "--hide-scrollbars"]
+
+
+def _rec(method: str, ratio: float, seed: int = 0, *, ppl: float | None = None, accs=(0.5, 0.7),
+         model: str = "tiny", achieved: float | None = None, error: str | None = None,
+         overrides: dict | None = None, tok_s: float = 30.0) -> Record:
+    achieved = ratio if achieved is None else achieved
+    params = round(100e6 * (1 - achieved))
+    tasks = {"arc_easy": {"acc": accs[0] - 0.05, "acc_norm": accs[0], "main": "acc_norm"},
+             "piqa": {"acc": accs[1], "main": "acc"}}
+    metrics = {} if error else {"params": params, "weight_bytes": 4 * params, "perplexity": ppl, "tasks": tasks,
+                                "mean_acc": sum(accs) / 2, "decode_tokens_per_s": tok_s, "prefill_ms": 100.0}
+    budget = {"target_ratio": ratio, "achieved_ratio": achieved, "linear_ratio": 1.2 * achieved,
+              "params_compressed": params, "tolerance": 0.02, "within_tolerance": abs(achieved - ratio) <= 0.02}
+    return Record(model={"name": model}, method=method, knobs={}, knob_overrides=overrides or {},
+                  target_ratio=ratio, seed=seed, suite={"name": "quick"}, status="failed" if error else "ok",
+                  error=error, budget={} if error else budget, metrics=metrics)
+
+
+RECORDS = [
+    _rec("dense", 0.0, ppl=10.0, accs=(0.5, 0.7)),
+    _rec("alpha", 0.2, 0, ppl=20.0, accs=(0.40, 0.60), tok_s=34.0),
+    _rec("alpha", 0.2, 1, ppl=22.0, accs=(0.44, 0.64), tok_s=36.0),
+    _rec("alpha", 0.4, ppl=50.0, accs=(0.35, 0.55), tok_s=40.0),
+    _rec("alpha", 0.2, ppl=30.0, accs=(0.30, 0.50), overrides={"rank": 4}),
+    _rec("beta", 0.2, ppl=15.0, accs=(0.45, 0.65)),
+    _rec("beta", 0.4, ppl=80.0, accs=(0.30, 0.50), achieved=0.45),
+    _rec("gamma", 0.2, error="RuntimeError: boom"),
+    _rec("dense", 0.0, ppl=12.0, model="tiny-2"),
+    _rec("alpha", 0.2, ppl=25.0, model="tiny-2"),
+]
+
+
+@pytest.fixture(scope="module")
+def board(tmp_path_factory) -> Path:
+    """A results folder with two models, seeds, a knob variant, a budget miss, a failure and two bad files."""
+    root = tmp_path_factory.mktemp("board")
+    for r in RECORDS:
+        write_record(root / "results", r)
+    (root / "results" / "garbage.json").write_text("{not json")
+    (root / "results" / "foreign.json").write_text(json.dumps({"hello": 1}))
+    df, problems, paths = leaderboard.write(root / "results", root / "lb")
+    assert len(problems) == 2
+    assert {p.name for p in paths} >= {"index.html", "accuracy_vs_ratio.png", "perplexity_vs_ratio.png",
+                                       "speed_vs_size.png"}
+    return root / "lb"
+
+
+class _Tables(HTMLParser):
+    """Each ``table.board`` as keys (column names), sort (aria-sort per column) and bodies: lists of rows, a row a
+    list of (data-v, text) per cell."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.tables: list[dict] = []
+        self._cell: list | None = None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table" and a.get("class") == "board":
+            self.tables.append({"keys": [], "sort": [], "bodies": []})
+        elif not self.tables:
+            return
+        elif tag == "th":
+            self.tables[-1]["keys"].append(a["data-key"])
+            self.tables[-1]["sort"].append(a.get("aria-sort"))
+        elif tag == "tbody":
+            self.tables[-1]["bodies"].append([])
+        elif tag == "tr" and self.tables[-1]["bodies"]:
+            self.tables[-1]["bodies"][-1].append([])
+        elif tag == "td":
+            self._cell = [a.get("data-v"), ""]
+            self.tables[-1]["bodies"][-1][-1].append(self._cell)
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell[1] += data
+
+
+def _table(html: str, model_has: str = "beta") -> dict:
+    """The section's table whose rows mention ``model_has``, its cells as {key: (data-v, text)} per row."""
+    for t in _Tables(html).tables:
+        bodies = [[dict(zip(t["keys"], map(tuple, row), strict=True)) for row in body] for body in t["bodies"]]
+        if any(row["method"][1] == model_has for body in bodies for row in body):
+            return {"keys": t["keys"], "sort": dict(zip(t["keys"], t["sort"], strict=True)), "pinned": bodies[0],
+                    "rows": bodies[1]}
+    raise AssertionError(f"no table with {model_has}")
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_every_cell_is_a_row_with_seeds_averaged_and_dense_first(board):
+    html = (board / "index.html").read_text()
+    t = _table(html)
+    assert [r["method"][1] for r in t["pinned"]] == ["dense"]
+    rows = {(r["method"][1], r["target"][1]): r for r in t["rows"]}
+    assert set(rows) == {("alpha", "20.0%"), ("alpha", "40.0%"), ("alpha (rank=4)", "20.0%"), ("beta", "20.0%"),
+                         ("beta", "40.0%"), ("gamma", "20.0%")}
+    two_seeds = rows["alpha", "20.0%"]
+    assert two_seeds["seeds"][1] == "0,1"
+    assert two_seeds["ppl"] == ("21.0", "21.0020.00–22.00")  # the mean, then min-max
+    assert float(two_seeds["mean_acc"][0]) == pytest.approx(0.52)
+    assert "MISSED +5.0 pts" in rows["beta", "40.0%"]["budget"][1]
+    assert rows["gamma", "20.0%"]["status"][1] == "failed: RuntimeError: boom"
+    assert rows["gamma", "20.0%"]["ppl"] == ("", "-")
+    assert [r["method"][1] for r in _table(html, "dense")["pinned"]] == ["dense"]  # the other model's section
+    assert html.count("<section>") == 2 and "2 files skipped" in html and "garbage.json" in html
+
+
+def test_accuracy_is_coloured_by_the_share_of_dense_accuracy_kept(board):
+    html = (board / "index.html").read_text()
+    # beta at 20%: mean 0.55 of dense 0.60 -> 91.7 % kept -> hue 120 * (0.917 - 0.6) / 0.4 = 95
+    assert '<td data-v="0.55" style="background:hsl(95,70%,82%)">0.550</td>' in html
+    assert 'data-v="1.0" style="background:hsl(120,70%,82%)">100.0%</td>' in html  # dense
+
+
+def test_page_is_self_contained(board):
+    html = (board / "index.html").read_text()
+    assert html.count("<svg") == 8  # four figures per (model, suite)
+    assert "http://" not in html and "https://" not in html and "@import" not in html
+    assert not re.search(r"url\((?!#)", html)  # CSS url() only to the SVGs' own clip paths
+    assert "<link" not in html and "<script src" not in html and "<img" not in html
+    refs = [v for tag in html.split("<")[1:] for k, v in _attrs(tag) if k in ("src", "href", "xlink:href")]
+    assert refs and all(v.startswith("#") for v in refs)  # only the SVGs' references to their own elements
+
+
+def _attrs(tag: str):
+    class One(HTMLParser):
+        found: list = []
+
+        def handle_starttag(self, _tag, attrs):
+            self.found = attrs
+
+    p = One()
+    p.feed("<" + tag.split(">")[0] + ">")
+    return p.found
+
+
+def test_pngs_are_valid_images_with_content(board):
+    from matplotlib.image import imread
+
+    for name in ("accuracy_vs_ratio.png", "perplexity_vs_ratio.png", "speed_vs_size.png"):
+        width, height = _png_size(board / name)
+        assert width > 2 * height > 600  # two (model, suite) panels side by side
+        pixels = imread(board / name)
+        assert pixels.shape[:2] == (height, width) and pixels.std() > 0.05
+
+
+def test_cli_leaderboard_writes_and_names_the_html(tmp_path, capsys):
+    for r in RECORDS[:3]:
+        write_record(tmp_path / "results", r)
+    assert main(["leaderboard", "--results-dir", str(tmp_path / "results"), "--out", str(tmp_path / "lb")]) == 0
+    out = capsys.readouterr().out.replace("\n", "")
+    assert "index.html" in out and "speed_vs_size.png" in out
+    assert "alpha" in (tmp_path / "lb" / "index.html").read_text()
+
+
+def test_no_records_gives_a_page_and_no_plots(tmp_path):
+    (tmp_path / "results").mkdir()
+    _, _, paths = leaderboard.write(tmp_path / "results", tmp_path / "lb")
+    assert [p.name for p in paths] == ["leaderboard.md", "leaderboard.csv", "index.html"]
+    assert "No records yet" in (tmp_path / "lb" / "index.html").read_text()
+
+
+# --- a real browser ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    exe = next(filter(None, map(shutil.which, BROWSERS)), None)
+    if exe is None:
+        pytest.skip(f"no headless browser: none of {', '.join(BROWSERS)} is on PATH (apt-get install chromium)")
+    return exe
+
+
+def _ppl_order(values: list[str], descending: bool) -> bool:
+    numbers = [float(v) for v in values if v != ""]
+    return numbers == sorted(numbers, reverse=descending) and values[len(numbers):] == [""] * (len(values) - len(numbers))
+
+
+def test_url_fragment_sorts_in_a_real_browser(board, chromium, tmp_path):
+    """The page's own JS sorts on load from ``#sort=-ppl``; the DOM chromium dumps shows the result."""
+    url = (board / "index.html").as_uri() + "#sort=-ppl"
+    dom = subprocess.run([chromium, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120).stdout
+    t = _table(dom)
+    assert t["sort"]["ppl"] == "descending"
+    assert [r["method"][1] for r in t["pinned"]] == ["dense"]
+    values = [r["ppl"][0] for r in t["rows"]]
+    assert _ppl_order(values, descending=True) and values[0] == "80.0" and values[-1] == ""
+
+
+class DevTools:
+    """A minimal Chrome DevTools Protocol client over ``--remote-debugging-pipe``: NUL-terminated JSON messages,
+    chromium reading fd 3 and writing fd 4. Standard library only."""
+
+    def __init__(self, exe: str, profile: Path, size=(1600, 1000)):
+        to_r, self._w = os.pipe()
+        self._r, from_w = os.pipe()
+
+        def onto_3_and_4():  # in the child, before exec: copy clear of 3 and 4 first, they may be our own ends
+            a, b = fcntl.fcntl(to_r, fcntl.F_DUPFD, 10), fcntl.fcntl(from_w, fcntl.F_DUPFD, 10)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+
+        self.proc = subprocess.Popen(
+            [exe, *FLAGS, "--remote-debugging-pipe", f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}",
+             "about:blank"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            pass_fds=(3, 4), preexec_fn=onto_3_and_4)
+        os.close(to_r)
+        os.close(from_w)
+        self._buf, self._id, self.session = b"", 0, None
+        self.size = size
+
+    def send(self, method: str, timeout: float = 60, **params):
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params, **({"sessionId": self.session} if self.session else {})}
+        os.write(self._w, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" not in self._buf:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self._r], [], [], left)[0]:
+                    raise TimeoutError(f"chromium did not answer {method}")
+                chunk = os.read(self._r, 1 << 20)
+                if not chunk:
+                    raise RuntimeError("chromium closed the DevTools pipe")
+                self._buf += chunk
+            raw, _, self._buf = self._buf.partition(b"\0")
+            reply = json.loads(raw)
+            if reply.get("id") == self._id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    def open(self, url: str) -> None:
+        target = self.send("Target.createTarget", url=url)["targetId"]
+        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.send("Emulation.setDeviceMetricsOverride", width=self.size[0], height=self.size[1],
+                  deviceScaleFactor=1, mobile=False)
+        self.wait_for(f"location.href === {json.dumps(url)} && document.readyState === 'complete'")
+
+    def js(self, expression: str):
+        reply = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in reply:
+            raise RuntimeError(f"{expression}: {reply['exceptionDetails']}")
+        return reply["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 30):
+        deadline = time.monotonic() + timeout
+        while not (value := self.js(expression)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"still false after {timeout} s: {expression}")
+            time.sleep(0.05)
+        return value
+
+    def click(self, selector: str) -> None:
+        """A real mouse click (press and release) at the middle of the first element matching ``selector``."""
+        x, y = self.js(f"(() => {{ const e = document.querySelector({json.dumps(selector)}); "
+                       "e.scrollIntoView({block: 'center', inline: 'center'}); "
+                       "const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        for kind in ("mousePressed", "mouseReleased"):
+            self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+    def close(self) -> None:
+        self.session = None
+        try:
+            self.send("Browser.close", timeout=10)
+        except (RuntimeError, TimeoutError, OSError):
+            pass
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._w)
+        os.close(self._r)
+
+
+STATE = """(() => {
+  const t = [...document.querySelectorAll('table.board')].find(t => t.textContent.includes('beta'));
+  const ths = [...t.tHead.rows[0].cells], col = k => ths.findIndex(th => th.dataset.key === k);
+  const column = k => [...t.tBodies[1].rows].map(r => r.cells[col(k)].dataset.v);
+  return {pinned: [...t.tBodies[0].rows].map(r => r.cells[0].textContent), ppl: column('ppl'),
+          acc: column('mean_acc'), sorted: ths.map(th => th.getAttribute('aria-sort')), hash: location.hash};
+})()"""
+
+
+def _wait_sorted(browser: DevTools, key: str, order: str, fragment: str) -> None:
+    """Until the click's hashchange has run the sort: the header shows ``order`` and the URL ``fragment``."""
+    browser.wait_for(f"location.hash === '{fragment}' && [...document.querySelectorAll('th[data-key={key}]')]"
+                     f".every(th => th.getAttribute('aria-sort') === '{order}')")
+
+
+def test_header_clicks_sort_in_a_real_browser(board, chromium, tmp_path):
+    """Real mouse clicks on the headers, through the DevTools protocol: ascending, then descending, then another
+    column; the dense row never moves and failed cells (no value) stay last. Leaves a screenshot."""
+    browser = DevTools(chromium, tmp_path / "profile")
+    try:
+        browser.open((board / "index.html").as_uri())
+        before = browser.js(STATE)
+        assert before["pinned"] == ["dense"] and not any(before["sorted"])
+
+        browser.click("th[data-key=ppl]")
+        _wait_sorted(browser, "ppl", "ascending", "#sort=ppl")
+        state = browser.js(STATE)
+        assert state["pinned"] == ["dense"] and "ascending" in state["sorted"]
+        assert _ppl_order(state["ppl"], descending=False) and state["ppl"][0] == "15.0"
+
+        browser.click("th[data-key=ppl]")
+        _wait_sorted(browser, "ppl", "descending", "#sort=-ppl")
+        state = browser.js(STATE)
+        assert state["pinned"] == ["dense"] and _ppl_order(state["ppl"], descending=True)
+
+        browser.click("th[data-key=mean_acc]")
+        _wait_sorted(browser, "mean_acc", "ascending", "#sort=mean_acc")
+        acc = browser.js(STATE)["acc"]
+        assert [float(v) for v in acc[:-1]] == sorted(float(v) for v in acc[:-1]) and acc[-1] == ""
+
+        shot = tmp_path / "leaderboard.png"
+        shot.write_bytes(base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"]))
+    finally:
+        browser.close()
+    assert _png_size(shot) == browser.size and shot.stat().st_size > 20_000
