@@ -1,17 +1,28 @@
 """Calibration data and the activation statistics that several methods share.
 
 Statistics are memoised on the :class:`Calibration` object, so SVD-LLM and Basis Sharing in one run
-read the same Gram matrices from one pass over the dense model.
+read the same Gram matrices from one pass over the dense model. With a ``cache_dir`` and a ``model_key``
+they are also stored on disk (safetensors) under a key hashing the model, the calibration tokens and the
+statistic's definition, so a later command reuses them; ``memo["log"]`` says where each one came from.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
+
+#: bump when a statistic's definition changes, so stored ones are not reused
+STATS_VERSION = 1
+#: statistics larger than this are kept in memory only (a 7B model's Grams are tens of GB)
+MAX_CACHE_BYTES = 8 * 2**30
 
 Progress = Callable[[int], None] | None
 
@@ -25,6 +36,10 @@ class Calibration:
     source: str = ""
     batch_size: int = 4
     memo: dict = field(default_factory=dict)
+    #: where statistics are stored between commands (None: memory only)
+    cache_dir: Path | None = None
+    #: identifies the dense model the statistics come from (weights, dtype, device); empty: no disk cache
+    model_key: str = ""
 
     @property
     def n_samples(self) -> int:
@@ -41,6 +56,20 @@ class Calibration:
     def batches(self, device: torch.device | str) -> Iterator[torch.Tensor]:
         for i in range(0, self.n_samples, self.batch_size):
             yield self.tokens[i : i + self.batch_size].to(device)
+
+    def stats_path(self, name: str, adapter) -> Path | None:
+        """Where statistic ``name`` of this model and these tokens is stored, or None without a disk cache."""
+        if self.cache_dir is None or not self.model_key:
+            return None
+        tokens = hashlib.sha256(self.tokens.cpu().numpy().tobytes()).hexdigest()
+        spec = {"stat": name, "version": STATS_VERSION, "model": self.model_key, "tokens": tokens,
+                "shape": list(self.tokens.shape), "family": adapter.family, "blocks": adapter.num_blocks,
+                "slots": [(s.kind, s.role) for s in adapter.slots]}
+        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+        return Path(self.cache_dir) / f"{name}-{key}.safetensors"
+
+    def log(self, name: str, source: str) -> None:
+        self.memo.setdefault("log", []).append({"statistic": name, "source": source})
 
     def describe(self) -> dict:
         return {"source": self.source, "n_samples": self.n_samples, "seq_len": self.seq_len,
@@ -78,7 +107,15 @@ def collect_grams(model: nn.Module, adapter, calib: Calibration, progress: Progr
     on the first linear of each role serves them all.
     """
     if "grams" in calib.memo:
+        calib.log("grams", "memory")
         return calib.memo["grams"]
+    path = calib.stats_path("grams", adapter)
+    stored = _load(path, model_device(model))
+    if stored is not None:
+        grams = {(int(k.split(".")[0]), k.split(".", 1)[1]): v for k, v in stored.items()}
+        calib.memo["grams"] = grams
+        calib.log("grams", f"disk {path}")
+        return grams
     grams: dict = {}
 
     def make_hook(key):
@@ -98,6 +135,8 @@ def collect_grams(model: nn.Module, adapter, calib: Calibration, progress: Progr
     with hooks(handles):
         forward_all(model, calib, progress)
     calib.memo["grams"] = grams
+    calib.log("grams", "computed")
+    _store(path, {f"{b}.{role}": g for (b, role), g in grams.items()})
     return grams
 
 
@@ -107,7 +146,14 @@ def collect_block_cosines(model: nn.Module, adapter, calib: Calibration, progres
     Hooks (not ``output_hidden_states``) because Hugging Face applies the final norm to the last hidden state.
     """
     if "block_cosines" in calib.memo:
+        calib.log("block_cosines", "memory")
         return calib.memo["block_cosines"]
+    path = calib.stats_path("block_cosines", adapter)
+    stored = _load(path, "cpu")
+    if stored is not None:
+        calib.memo["block_cosines"] = stored["cosines"]
+        calib.log("block_cosines", f"disk {path}")
+        return stored["cosines"]
     n = adapter.num_blocks
     sums = torch.zeros(n, dtype=torch.float64)
     counts = torch.zeros(n, dtype=torch.float64)
@@ -137,4 +183,33 @@ def collect_block_cosines(model: nn.Module, adapter, calib: Calibration, progres
         forward_all(model, calib, progress)
     result = sums / counts.clamp(min=1)
     calib.memo["block_cosines"] = result
+    calib.log("block_cosines", "computed")
+    _store(path, {"cosines": result})
     return result
+
+
+def _load(path: Path | None, device) -> dict | None:
+    """A stored statistic, or None when absent or unreadable (then it is recomputed and rewritten)."""
+    if path is None or not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception:  # a truncated or foreign file is a cache miss, never an error
+        return None
+
+
+def _store(path: Path | None, tensors: dict[str, torch.Tensor]) -> None:
+    """Write atomically (temporary file, then rename): a crash never leaves a half-written statistic."""
+    if path is None or sum(t.numel() * t.element_size() for t in tensors.values()) > MAX_CACHE_BYTES:
+        return
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+    except OSError:  # disk full or read-only: the run goes on without the cache
+        tmp.unlink(missing_ok=True)

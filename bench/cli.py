@@ -68,6 +68,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-save", action="store_true", help="do not keep compressed checkpoints (size is still measured)")
     r.add_argument("--force", action="store_true", help="recompute cells that already have a complete record")
 
+    sw = sub.add_parser("sweep", help="run the grid a sweep file describes (see sweeps/default.toml)")
+    sw.add_argument("file", help="TOML sweep file")
+    for flag, kw in (("--device", {"default": "auto"}), ("--dtype", {"default": "auto"}),
+                     ("--results-dir", {"default": "results"}), ("--leaderboard-dir", {"default": "leaderboard"}),
+                     ("--cache-dir", {"default": None})):
+        sw.add_argument(flag, **kw)
+    sw.add_argument("--no-save", action="store_true", help="do not keep compressed checkpoints")
+    sw.add_argument("--force", action="store_true", help="recompute cells that already have a complete record")
+
     lb = sub.add_parser("leaderboard", help="regenerate leaderboard/ from the records in results/")
     lb.add_argument("--results-dir", default="results")
     lb.add_argument("--out", default="leaderboard")
@@ -146,6 +155,20 @@ def cmd_run(args) -> int:
     for r in failed:
         console.print(f"[red]failed:[/] {r.method} at {r.target_ratio}: {r.error}")
     return 1 if failed else 0
+
+
+def cmd_sweep(args) -> int:
+    """Each model of the sweep is one `bench run`; the exit code is the worst of them."""
+    from bench import sweep
+
+    runs = sweep.load(args.file)
+    extra = ["--device", args.device, "--dtype", args.dtype, "--results-dir", args.results_dir,
+             "--leaderboard-dir", args.leaderboard_dir]
+    extra += (["--cache-dir", args.cache_dir] if args.cache_dir else []) + (["--no-save"] if args.no_save else [])
+    extra += ["--force"] if args.force else []
+    parsed = [_parser().parse_args([*argv, *extra]) for argv in runs]  # every run is checked before any starts
+    codes = [cmd_run(a) for a in parsed]
+    return max(codes)
 
 
 def cmd_leaderboard(args) -> int:
@@ -235,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    handler = {"run": cmd_run, "leaderboard": cmd_leaderboard, "list": cmd_list, "generate": cmd_generate}
+    handler = {"run": cmd_run, "sweep": cmd_sweep, "leaderboard": cmd_leaderboard, "list": cmd_list, "generate": cmd_generate}
     try:
         return handler[args.command](args)
     except UserError as err:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -23,11 +25,30 @@ def _num(value, digits: int = 2) -> str:
 
 
 class RichEvents(Events):
+    """One progress line over the grid: the cell and step in progress, cells ok / failed / left, time left.
+
+    The estimate is the median time of the cells computed so far times the cells left (reused cells are free).
+    """
+
     def __init__(self, console: Console):
         self.console = console
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+                                 MofNCompleteColumn(), TextColumn("{task.fields[tally]}"), TimeElapsedColumn(),
+                                 console=console, transient=True)
         self.task = None
+        self.total = 0
+        self.counts = {"ok": 0, "failed": 0, "reused": 0}
+        self.durations: list[float] = []
+        self.current: tuple | None = None
+        self.started = time.perf_counter()
+
+    def tally(self) -> str:
+        left = self.total - sum(self.counts.values())
+        text = f"{self.counts['ok']} ok, {self.counts['failed']} failed, {self.counts['reused']} reused, {left} left"
+        if self.durations and left:
+            eta = statistics.median(self.durations) * left
+            text += f", ~{int(eta // 60)}:{int(eta % 60):02d} left"
+        return text
 
     def __enter__(self) -> RichEvents:
         self.progress.__enter__()
@@ -37,13 +58,24 @@ class RichEvents(Events):
         self.progress.__exit__(*exc)
 
     def start(self, total_cells: int) -> None:
-        self.task = self.progress.add_task("starting", total=total_cells)
+        self.total = total_cells
+        self.task = self.progress.add_task("starting", total=total_cells, tally=self.tally())
 
     def cell(self, cell: Cell, step: str) -> None:
+        key = (cell.method, cell.ratio, cell.seed)
+        if key != self.current:
+            self.current, self.started = key, time.perf_counter()
         self.progress.update(self.task, description=f"{cell.method} @ {cell.ratio:.2f} seed {cell.seed}: {step}")
 
     def done(self, cell: Cell, rec: Record, path: Path, reused: bool) -> None:
-        self.progress.advance(self.task)
+        if reused:
+            self.counts["reused"] += 1
+        else:
+            self.counts["ok" if rec.status == "ok" else "failed"] += 1
+            if (cell.method, cell.ratio, cell.seed) == self.current:
+                self.durations.append(time.perf_counter() - self.started)
+        self.current = None
+        self.progress.update(self.task, advance=1, tally=self.tally())
         m = rec.metrics
         if rec.status != "ok":
             self.console.print(f"[red]✗[/] {cell.method} @ {cell.ratio:.2f}: {rec.error}", soft_wrap=True)

@@ -108,6 +108,8 @@ def run(cfg: RunConfig, events: Events | None = None) -> list[Record]:
                   "device": loaded.device.split(":")[0], "text": data.file_fingerprint(wiki),
                   "slimbench": env["versions"]["slimbench"]}
 
+    model_key = cell_key({"model": model_info | {"path": None}, "weights": _weights_stamp(loaded.path),
+                          "dtype": loaded.dtype, "device": base_parts["device"]})
     events.info(f"model {loaded.name}: {loaded.source}; weights from {loaded.path} ({loaded.dtype} on {loaded.device}, "
                 f"{dense_params:,} parameters, {adapter.family} adapter)")
     cells = plan(cfg)
@@ -140,7 +142,8 @@ def run(cfg: RunConfig, events: Events | None = None) -> list[Record]:
             if inst is not None:
                 if cell.seed not in calibrations:
                     events.cell(cell, "calibration data")
-                    calibrations[cell.seed] = _calibration(loaded.tokenizer, cfg.suite, cell.seed)
+                    calibrations[cell.seed] = _calibration(loaded.tokenizer, cfg.suite, cell.seed,
+                                                           cache_dir(cfg.cache) / "stats", model_key)
                 calib = calibrations[cell.seed]
                 _compress(model, inst, calib, solutions[(cell.method, cell.ratio)], rec, cfg,
                           lambda step, c=cell: events.cell(c, step))
@@ -199,10 +202,19 @@ def _existing(cfg: RunConfig, rec: Record) -> Record | None:
     return old if old.key == rec.key and old.status == "ok" else None
 
 
-def _calibration(tokenizer, suite: Suite, seed: int) -> Calibration:
+def _calibration(tokenizer, suite: Suite, seed: int, stats_dir: Path, model_key: str) -> Calibration:
     tokens = data.calibration_batch(tokenizer, suite.calib_samples, suite.calib_seq_len, seed)
     return Calibration(tokens=tokens, seed=seed, batch_size=max(1, suite.eval_batch_size // 2),
-                       source="packaged Wikipedia (exllamav2 wiki.utf8), calibration documents")
+                       source="packaged Wikipedia (exllamav2 wiki.utf8), calibration documents",
+                       cache_dir=stats_dir, model_key=model_key)
+
+
+def _weights_stamp(path: str | None) -> list:
+    """Names, sizes and modification times of a model folder's weight files: changed weights, new key."""
+    if not path or not Path(path).is_dir():
+        return []
+    files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
+    return [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
 
 
 def _compress(model, inst: Method, calib: Calibration, solution: Solution, rec: Record, cfg: RunConfig,
@@ -211,13 +223,15 @@ def _compress(model, inst: Method, calib: Calibration, solution: Solution, rec: 
     adapter = get_adapter(model)
     rec.solution = {"knobs": solution.knobs, "predicted_params": solution.predicted_params, "notes": solution.notes}
     device = next(model.parameters()).device
+    calib.memo["log"] = []
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
         info = inst.compress(model, adapter, calib, solution)
         seconds = time.perf_counter() - t0
     rec.cost = {"compress_seconds": seconds, "compress_peak_memory_bytes": mem.peak_bytes,
                 "compress_peak_memory_source": mem.source, "train_tokens": info.train_tokens,
-                "calibration_tokens": calib.n_tokens}
+                "calibration_tokens": calib.n_tokens,
+                "statistics": list(calib.memo.get("log", []))}  # computed, or reused from memory or disk
     rec.calibration = calib.describe()
     rec.details.update(info.details)
     rec.details["structure_ops"] = len(structure.structure_log(model))

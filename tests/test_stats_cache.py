@@ -1,0 +1,68 @@
+"""Calibration statistics on disk: reused when model and tokens match, recomputed when either changes or the file
+is damaged, and the record says where each statistic came from."""
+
+import torch
+from conftest import make_tiny, tiny_calibration
+
+from bench.adapters import get_adapter
+from bench.calibration import Calibration, collect_block_cosines, collect_grams
+from bench.cli import main
+from bench.records import load_records
+
+
+def _calib(tmp_path, seed=0, key="model-a"):
+    c = tiny_calibration(seed=seed)
+    return Calibration(tokens=c.tokens, seed=seed, batch_size=4, cache_dir=tmp_path, model_key=key)
+
+
+def test_grams_are_stored_and_reused_exactly(tmp_path):
+    model = make_tiny("llama")
+    adapter = get_adapter(model)
+    first = _calib(tmp_path)
+    grams = collect_grams(model, adapter, first)
+    assert first.memo["log"] == [{"statistic": "grams", "source": "computed"}]
+    assert first.stats_path("grams", adapter).is_file()
+    again = _calib(tmp_path)
+    reused = collect_grams(model, adapter, again)
+    assert again.memo["log"][0]["source"].startswith("disk ")
+    assert reused.keys() == grams.keys()
+    assert all(torch.equal(reused[k], grams[k]) for k in grams)
+    cos = collect_block_cosines(model, adapter, first)
+    assert torch.equal(collect_block_cosines(model, adapter, _calib(tmp_path)), cos)
+
+
+def test_other_tokens_or_model_or_a_damaged_file_mean_recomputing(tmp_path):
+    model = make_tiny("llama")
+    adapter = get_adapter(model)
+    base = _calib(tmp_path)
+    collect_grams(model, adapter, base)
+    assert _calib(tmp_path, seed=1).stats_path("grams", adapter) != base.stats_path("grams", adapter)
+    assert _calib(tmp_path, key="model-b").stats_path("grams", adapter) != base.stats_path("grams", adapter)
+    base.stats_path("grams", adapter).write_bytes(b"truncated")
+    fresh = _calib(tmp_path)
+    collect_grams(model, adapter, fresh)
+    assert fresh.memo["log"][0]["source"] == "computed"
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+
+
+def test_no_cache_dir_means_memory_only(tmp_path):
+    model = make_tiny("llama")
+    calib = tiny_calibration()
+    assert calib.stats_path("grams", get_adapter(model)) is None
+    collect_grams(model, get_adapter(model), calib)
+    collect_grams(model, get_adapter(model), calib)
+    assert [e["source"] for e in calib.memo["log"]] == ["computed", "memory"]
+
+
+def test_a_second_command_reads_the_statistics_from_disk(tmp_path, tiny_model_dir):
+    def run(methods):
+        return main(["run", "--model", str(tiny_model_dir), "--methods", methods, "--ratio", "0.2",
+                     "--results-dir", str(tmp_path / "results"), "--leaderboard-dir", str(tmp_path / "lb"),
+                     "--cache-dir", str(tmp_path / "cache"), "--tasks", "none", "--calib-samples", "4",
+                     "--calib-seq-len", "64", "--no-save"])
+
+    assert run("svdllm") == 0
+    assert run("basis") == 0
+    by = {r.method: r for r in load_records(tmp_path / "results")[0]}
+    assert by["svdllm"].cost["statistics"] == [{"statistic": "grams", "source": "computed"}]
+    assert by["basis"].cost["statistics"][0]["source"].startswith("disk ")
