@@ -81,6 +81,15 @@ def _parser() -> argparse.ArgumentParser:
     lb.add_argument("--results-dir", default="results")
     lb.add_argument("--out", default="leaderboard")
 
+    c = sub.add_parser("compare", help="compare two methods (every ratio and seed both have) or two record files, "
+                                       "with standard errors and a verdict")
+    c.add_argument("a", metavar="A", help="method name (see the leaderboard) or a record file")
+    c.add_argument("b", metavar="B", help="method name or a record file; B-A is reported")
+    c.add_argument("--results-dir", default="results")
+    c.add_argument("--model", default=None, help="only this model's records (by name, as in results/<model>/)")
+    c.add_argument("--suite", default=None, help="only this suite's records")
+    c.add_argument("--ratio", default=None, help="only these target ratios, e.g. 0.12 or 0.12,0.3")
+
     ls = sub.add_parser("list", help="show methods, models, tasks and suites")
     ls.add_argument("what", nargs="?", default="all", choices=["all", "methods", "models", "tasks", "suites"])
 
@@ -187,6 +196,16 @@ def cmd_leaderboard(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from bench import compare
+
+    ratios = _floats(args.ratio) if args.ratio else None
+    console = _console()
+    for c in compare.compare(args.a, args.b, args.results_dir, args.model, args.suite, ratios):
+        console.print(compare.table(c))
+    return 0
+
+
 def cmd_list(args) -> int:
     from rich.table import Table
 
@@ -258,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    handler = {"run": cmd_run, "sweep": cmd_sweep, "leaderboard": cmd_leaderboard, "list": cmd_list, "generate": cmd_generate}
+    handler = {"run": cmd_run, "sweep": cmd_sweep, "leaderboard": cmd_leaderboard, "list": cmd_list, "generate": cmd_generate,
+               "compare": cmd_compare}
     try:
         return handler[args.command](args)
     except UserError as err:

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from bench.compare import DENSE, Z, main_acc, mean_acc_se, pooled_se, within_noise
 from bench.records import Record, load_records
 
-DENSE = "dense"
 TASK_SHORT = {"arc_easy": "ARC-e", "arc_challenge": "ARC-c", "piqa": "PIQA", "hellaswag": "HellaS",
               "winogrande": "WinoG", "boolq": "BoolQ", "openbookqa": "OBQA"}
-
-
-def _main_acc(task: dict) -> float | None:
-    return task.get(task.get("main", "acc"))
+LABELS = {"mean_acc_se": "±", "seed_sd": "seed sd", "near_best": "≈best"}  # column headers in the tables
 
 
 def frame(records: list[Record]) -> pd.DataFrame:
@@ -34,6 +33,7 @@ def frame(records: list[Record]) -> pd.DataFrame:
             "model": r.model["name"], "suite": r.suite["name"], "method": r.method, "seed": r.seed,
             "target": r.target_ratio, "achieved": b.get("achieved_ratio"), "linear_ratio": b.get("linear_ratio"),
             "budget": _budget_flag(r), "ppl": m.get("perplexity"), "mean_acc": mean_acc,
+            "mean_acc_se": mean_acc_se(m.get("tasks") or {}) if mean_acc is not None else None,
             "retained": mean_acc / ref_acc if mean_acc is not None and ref_acc else None,
             "params_M": (m.get("params") or b.get("params_compressed") or math.nan) / 1e6,
             "weights_MB": (m.get("weight_bytes") or math.nan) / 2**20,
@@ -42,17 +42,68 @@ def frame(records: list[Record]) -> pd.DataFrame:
             "prefill_ms": m.get("prefill_ms"), "decode_tok_s": m.get("decode_tokens_per_s"),
             "compress_s": r.cost.get("compress_seconds"), "train_tokens": r.cost.get("train_tokens"),
             "status": r.status if r.status == "ok" else f"failed: {r.error}",
+            "_knobs": json.dumps(r.knob_overrides, sort_keys=True, default=str),
         }
         for task, res in (m.get("tasks") or {}).items():
-            row[TASK_SHORT.get(task, task)] = _main_acc(res)
+            row[TASK_SHORT.get(task, task)] = main_acc(res)
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
         return df
+    df = _mark_noise(df)
     df["_dense"] = df["method"] != DENSE
     df = df.sort_values(["model", "suite", "_dense", "target", "mean_acc"], ascending=[True, True, True, True, False],
                         na_position="last")
-    return df.drop(columns="_dense").reset_index(drop=True)
+    return df.drop(columns=["_dense", "_knobs"]).reset_index(drop=True)
+
+
+def _mark_noise(df: pd.DataFrame) -> pd.DataFrame:
+    """Adds ``seed_sd`` (sd of mean_acc over a cell's seeds, where it has several) and ``near_best``: at each
+    (model, suite, target), "best" for the cell (seeds averaged) with the highest mean accuracy, "≈" for every
+    cell within noise of it, "" for the rest; None for the dense model, failed cells and cells without an SE."""
+    keys = ["model", "suite", "method", "_knobs", "target"]
+    df = df.assign(mean_acc_se=pd.to_numeric(df["mean_acc_se"]))
+    at = df.columns.get_loc("mean_acc_se") + 1
+    df.insert(at, "seed_sd", np.nan)
+    df.insert(at + 1, "near_best", None)
+    ok = df[(df["status"] == "ok") & df["mean_acc"].notna()]
+    if ok.empty:
+        return df
+    g = ok.groupby(keys, sort=False)
+    cells = pd.DataFrame({"acc": g["mean_acc"].mean(), "sd": g["mean_acc"].std(),
+                          "se": g["mean_acc_se"].agg(lambda s: pooled_se(s.tolist()))}).reset_index()
+    cells["near_best"] = None
+    for _, group in cells[cells["method"] != DENSE].groupby(["model", "suite", "target"]):
+        best = group.loc[group["acc"].idxmax()]
+        for i, c in group.iterrows():
+            near = within_noise(best["acc"], best["se"], c["acc"], c["se"])
+            cells.at[i, "near_best"] = "best" if i == best.name else None if near is None else "≈" if near else ""
+    marks = df[keys].merge(cells, on=keys, how="left").set_index(df.index)
+    df["seed_sd"] = pd.to_numeric(marks["sd"])
+    df["near_best"] = marks["near_best"].where(df.index.isin(ok.index), None)
+    return df
+
+
+def noise_legend(records: list[Record]) -> str:
+    """What the ± column and the ≈best marker mean, and how many documents each suite scored per task."""
+    per_suite = []
+    for suite in sorted({r.suite["name"] for r in records}):
+        docs = sorted({t["n"] for r in records if r.suite["name"] == suite and r.status == "ok"
+                       for t in (r.metrics.get("tasks") or {}).values() if t.get("n")})
+        ses = [se for r in records if r.suite["name"] == suite and r.method != DENSE and r.status == "ok"
+               and (se := mean_acc_se(r.metrics.get("tasks") or {})) is not None]
+        if docs:
+            n = f"{docs[0]}" if len(docs) == 1 else f"{docs[0]}-{docs[-1]}"
+            mean = f", mean_acc's about ±{float(np.median(ses)):.3f}" if ses else ""
+            per_suite.append(f"suite {suite}: {n} documents per task (one task's SE up to "
+                             f"±{0.5 / math.sqrt(max(docs[0] - 1, 1)):.2f}{mean})")
+    docs_line = f" Documents: {'; '.join(per_suite)}." if per_suite else ""
+    return (f"± = standard error of mean_acc over the sampled documents, sqrt(sum of the tasks' SE²) / number of "
+            f"tasks, from lm-eval's per-task SE; seed sd = standard deviation of mean_acc over a cell's seeds. "
+            f"≈best: at each target ratio, \"best\" is the method with the highest mean accuracy (seeds averaged) "
+            f"and \"≈\" marks every method within noise of it, |difference| ≤ {Z}·sqrt(SE₁² + SE₂²) (conservative: "
+            f"all methods see the same documents); an empty mark is clearly worse. Perplexity has no error bar: "
+            f"records keep only its total NLL and token count.{docs_line}")
 
 
 def _budget_flag(r: Record) -> str:
@@ -73,7 +124,7 @@ def _fmt(value, col: str) -> str:
         return f"{100 * value:.1f}%"
     if col == "retained":
         return f"{100 * value:.1f}%"
-    if col in ("mean_acc",) or col in TASK_SHORT.values():
+    if col in ("mean_acc", "mean_acc_se", "seed_sd") or col in TASK_SHORT.values():
         return f"{value:.3f}"
     if col == "ppl":
         return f"{value:.2f}" if value < 1e4 else f"{value:.3g}"
@@ -84,7 +135,8 @@ def _fmt(value, col: str) -> str:
     return str(value)
 
 
-COLUMNS = ["method", "seed", "target", "achieved", "budget", "linear_ratio", "ppl", "mean_acc", "retained",
+COLUMNS = ["method", "seed", "target", "achieved", "budget", "linear_ratio", "ppl", "mean_acc", "mean_acc_se",
+           "seed_sd", "near_best", "retained",
            *TASK_SHORT.values(), "params_M", "weights_MB", "ckpt_MB", "peak_mem_MB", "prefill_ms", "decode_tok_s",
            "compress_s", "train_tokens", "status"]
 
@@ -94,15 +146,18 @@ def display_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({c: [_fmt(v, c) for v in df[c]] for c in cols})
 
 
-def markdown(df: pd.DataFrame, tolerance_note: str = "") -> str:
+def markdown(df: pd.DataFrame, tolerance_note: str = "", legend: str = "") -> str:
     parts = ["# slimbench leaderboard", "",
              "Generated by `bench leaderboard` from the records under `results/`; do not edit by hand.",
              "ratio = share of whole-model unique stored parameters removed (embeddings included, shared tensors "
              "counted once), counted on the compressed model. `budget` flags cells whose achieved ratio misses "
              f"the target by more than the tolerance{tolerance_note}. `retained` = mean zero-shot accuracy / "
-             "the dense model's. Accuracy per task is acc_norm where lm-eval reports it, else acc.", ""]
+             "the dense model's. Accuracy per task is acc_norm where lm-eval reports it, else acc.", "",
+             *([legend, ""] if legend else [])]
     for (model, suite), group in df.groupby(["model", "suite"], sort=True):
-        parts += [f"## {model} — suite `{suite}`", "", display_table(group).to_markdown(index=False), ""]
+        table = display_table(group if group["seed_sd"].notna().any() else group.drop(columns="seed_sd"))
+        table = table.rename(columns=LABELS)
+        parts += [f"## {model} — suite `{suite}`", "", table.to_markdown(index=False), ""]
     return "\n".join(parts)
 
 
@@ -113,7 +168,8 @@ def write(results_dir: str | Path, out_dir: str | Path) -> tuple[pd.DataFrame, l
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "leaderboard.md", out / "leaderboard.csv"]
-    paths[0].write_text(markdown(df) if not df.empty else "# slimbench leaderboard\n\nNo records yet.\n")
+    paths[0].write_text(markdown(df, legend=noise_legend(records)) if not df.empty
+                        else "# slimbench leaderboard\n\nNo records yet.\n")
     df.to_csv(paths[1], index=False)
     from bench import report  # matplotlib only when files are written
 
@@ -121,7 +177,8 @@ def write(results_dir: str | Path, out_dir: str | Path) -> tuple[pd.DataFrame, l
     return df, problems, paths
 
 
-TERMINAL_COLUMNS = ["method", "seed", "target", "achieved", "budget", "ppl", "mean_acc", "retained", "params_M",
+TERMINAL_COLUMNS = ["method", "seed", "target", "achieved", "budget", "ppl", "mean_acc", "mean_acc_se", "near_best",
+                    "retained", "params_M",
                     "ckpt_MB", "prefill_ms", "decode_tok_s", "compress_s", "status"]
 
 
@@ -130,7 +187,7 @@ def rich_table(df: pd.DataFrame, title: str = "slimbench"):
     from rich.table import Table
 
     shown = display_table(df)
-    shown = shown[[c for c in TERMINAL_COLUMNS if c in shown.columns]]
+    shown = shown[[c for c in TERMINAL_COLUMNS if c in shown.columns]].rename(columns=LABELS)
     table = Table(title=title, show_lines=False)
     for col in shown.columns:
         table.add_column(col, justify="left" if col in ("method", "budget", "status") else "right",

@@ -3,7 +3,8 @@
 It opens from the file system with no server and no network. A section per (model, suite): a table of
 every cell averaged over its seeds (min-max under the mean), sortable by clicking a header or with
 ``#sort=ppl`` / ``#sort=-ppl`` in the URL, the dense row always on top; accuracy cells coloured by the
-share of the dense model's accuracy they keep; failed cells with their error; budget misses flagged.
+share of the dense model's accuracy they keep, with the SE of mean accuracy and the methods within noise of the
+best marked; failed cells with their error; budget misses flagged.
 Then the figures of ``bench.plots`` as inline SVG.
 """
 
@@ -18,11 +19,12 @@ from pathlib import Path
 import pandas as pd
 
 from bench import plots
-from bench.leaderboard import COLUMNS, DENSE, TASK_SHORT, _fmt, frame
+from bench.compare import label, pooled_se
+from bench.leaderboard import COLUMNS, DENSE, LABELS, TASK_SHORT, _fmt, frame, noise_legend
 from bench.records import Record
 
 KEYS = ["model", "suite", "method", "target"]
-TEXT = ["model", "suite", "method", "seed", "budget", "status"]
+TEXT = ["model", "suite", "method", "seed", "budget", "status", "near_best"]
 FLOOR = 0.6  # a share of the dense accuracy at or below this is full red; 1.0 and above full green
 FIGURES = [("accuracy", plots.draw_accuracy, (6.4, 4.2)), ("perplexity", plots.draw_perplexity, (6.4, 4.2)),
            ("speed", plots.draw_speed, (6.4, 4.2)), ("tasks", plots.draw_tasks, (9.6, 4.2))]
@@ -30,15 +32,13 @@ FIGURES = [("accuracy", plots.draw_accuracy, (6.4, 4.2)), ("perplexity", plots.d
 
 def _labelled(r: Record) -> Record:
     """A method run with overridden knobs is a row of its own, e.g. ``basis (group_size=3)``."""
-    if not r.knob_overrides:
-        return r
-    knobs = ", ".join(f"{k}={v}" for k, v in sorted(r.knob_overrides.items()))
-    return dataclasses.replace(r, method=f"{r.method} ({knobs})")
+    return dataclasses.replace(r, method=label(r)) if r.knob_overrides else r
 
 
 def cells(df: pd.DataFrame) -> pd.DataFrame:
     """One row per ok (model, suite, method, target): the mean over seeds of every metric, with ``<col>_min``,
-    ``<col>_max``, ``seeds`` and ``n``; each failed seed as a row of its own. Dense first, then by target."""
+    ``<col>_max``, ``seeds`` and ``n`` (the SE of mean accuracy pooled as ``compare.pooled_se`` does); each failed
+    seed as a row of its own. Dense first, then by target."""
     num = [c for c in df.columns if c not in TEXT and c != "target"]
     df = df.assign(**{c: pd.to_numeric(df[c], errors="coerce") for c in num})
     ok = df[df["status"] == "ok"]
@@ -46,6 +46,8 @@ def cells(df: pd.DataFrame) -> pd.DataFrame:
     out = pd.concat([g[num].mean(), g[num].min().add_suffix("_min"), g[num].max().add_suffix("_max")], axis=1)
     out["seeds"] = g["seed"].agg(lambda s: ",".join(map(str, sorted(s))))
     out["n"] = g.size()
+    out["mean_acc_se"] = g["mean_acc_se"].agg(lambda s: pooled_se(s.tolist()))
+    out["near_best"] = g["near_best"].first()
     out["budget"] = g["budget"].agg(lambda s: next((f for f in s if str(f).startswith("MISSED")), s.iloc[0]))
     out["status"] = "ok"
     failed = df[df["status"] != "ok"].assign(seeds=lambda d: d["seed"].astype(str), n=1).drop(columns="seed")
@@ -59,10 +61,14 @@ def cells(df: pd.DataFrame) -> pd.DataFrame:
 
 def _columns(rows: pd.DataFrame) -> list[str]:
     """The leaderboard's columns with ``seeds`` for ``seed`` and the tasks actually present; empty ones dropped."""
-    fixed = ["seeds" if c == "seed" else c for c in COLUMNS if c not in TASK_SHORT.values()]
+    fixed = ["seeds" if c == "seed" else c for c in COLUMNS if c not in (*TASK_SHORT.values(), "seed_sd")]
     at = fixed.index("retained") + 1
     cols = [*fixed[:at], *plots.task_columns(rows), *fixed[at:]]
     return [c for c in cols if c in ("method", "seeds", "budget", "status") or rows[c].notna().any()]
+
+
+NO_RANGE = ("mean_acc_se",)  # the seeds' min-max is shown under the mean, except for these
+NEAR_RANK = {"best": 0, "≈": 1, "": 2}  # ≈best sorts best first, then within noise, then clearly worse
 
 
 def _shade(share: float) -> str:
@@ -75,16 +81,17 @@ def _shade(share: float) -> str:
 
 def _td(row: pd.Series, col: str, dense: pd.Series | None, tasks: list[str]) -> str:
     value = row[col]
-    if col in ("method", "budget", "status", "seeds"):
+    if col in ("method", "budget", "status", "seeds", "near_best"):
         cls = {"method": "text", "budget": "flag" if str(value).startswith("MISSED") else "",
-               "status": "err text" if value != "ok" else "", "seeds": ""}[col]
-        key = row["n"] if col == "seeds" else value
+               "status": "err text" if value != "ok" else "", "seeds": "", "near_best": ""}[col]
+        value = _fmt(value, col) if col == "near_best" else value
+        key = row["n"] if col == "seeds" else NEAR_RANK.get(row[col], "") if col == "near_best" else value
         return f'<td data-v="{escape(str(key))}" class="{cls}">{escape(str(value))}</td>'
     if value is None or not math.isfinite(value):
         return '<td data-v="">-</td>'
     text = escape(_fmt(value, col))
     lo, hi = row.get(f"{col}_min"), row.get(f"{col}_max")
-    if row["n"] > 1 and lo is not None and math.isfinite(lo) and lo != hi:
+    if row["n"] > 1 and col not in NO_RANGE and lo is not None and math.isfinite(lo) and lo != hi:
         text += f"<small>{escape(_fmt(lo, col))}–{escape(_fmt(hi, col))}</small>"
     style = ""
     if col in ("mean_acc", "retained"):
@@ -105,7 +112,7 @@ def _section(title: str, rows: pd.DataFrame, index: int) -> str:
     dense = ok_dense.iloc[0] if len(ok_dense) else None
     pinned = rows["method"] == DENSE
     body = ["".join(_tr(r, cols, dense, tasks) for _, r in part.iterrows()) for part in (rows[pinned], rows[~pinned])]
-    head = "".join(f'<th data-key="{escape(c)}">{escape(c)}</th>' for c in cols)
+    head = "".join(f'<th data-key="{escape(c)}">{escape(LABELS.get(c, c))}</th>' for c in cols)
     figures = "".join(plots.svg(plots.figure(draw, [(title, rows)], size), salt=f"{index}-{name}")
                       for name, draw, size in FIGURES)
     n_ok, n_failed = int(rows.loc[rows["status"] == "ok", "n"].sum()), int((rows["status"] != "ok").sum())
@@ -130,7 +137,7 @@ def write(records: list[Record], out_dir: str | Path, problems: Iterable[str] = 
         items = "".join(f"<li>{escape(p)}</li>" for p in problems)
         body += f"<details><summary>{len(problems)} files skipped</summary><ul>{items}</ul></details>"
     path = out / "index.html"
-    path.write_text(PAGE.format(css=CSS, body=body, js=JS), encoding="utf-8")
+    path.write_text(PAGE.format(css=CSS, body=body, js=JS, legend=escape(noise_legend(records))), encoding="utf-8")
     return [path, *(plots.write_pngs(groups, out) if groups else [])]
 
 
@@ -195,6 +202,7 @@ model. Several seeds: the mean, with min&ndash;max beneath it and as error bars.
 model's mean zero-shot accuracy kept (per task: of the dense model's accuracy on that task), red at 60&nbsp;% or
 less, green at 100&nbsp;%. <b>MISSED</b>: the achieved ratio is further from the target than the tolerance (a
 red ring in the plots). Click a column header to sort (again to reverse); the dense row stays on top.</p>
+<p class="note">{legend}</p>
 {body}
 <script>{js}</script>
 </body></html>
