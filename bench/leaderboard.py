@@ -14,6 +14,8 @@ from bench.records import Record, load_records
 
 TASK_SHORT = {"arc_easy": "ARC-e", "arc_challenge": "ARC-c", "piqa": "PIQA", "hellaswag": "HellaS",
               "winogrande": "WinoG", "boolq": "BoolQ", "openbookqa": "OBQA"}
+#: a cell whose perplexity exceeds this multiple of the dense model's is marked collapsed, not ranked
+COLLAPSE_FACTOR = 10.0
 LABELS = {"mean_acc_se": "±", "seed_sd": "seed sd", "near_best": "≈best"}  # column headers in the tables
 
 
@@ -41,7 +43,7 @@ def frame(records: list[Record]) -> pd.DataFrame:
             "peak_mem_MB": (m.get("peak_memory_bytes") or math.nan) / 2**20,
             "prefill_ms": m.get("prefill_ms"), "decode_tok_s": m.get("decode_tokens_per_s"),
             "compress_s": r.cost.get("compress_seconds"), "train_tokens": r.cost.get("train_tokens"),
-            "status": r.status if r.status == "ok" else f"failed: {r.error}",
+            "status": _status(r, ref),
             "_knobs": json.dumps(r.knob_overrides, sort_keys=True, default=str),
         }
         for task, res in (m.get("tasks") or {}).items():
@@ -55,6 +57,16 @@ def frame(records: list[Record]) -> pd.DataFrame:
     df = df.sort_values(["model", "suite", "_dense", "target", "mean_acc"], ascending=[True, True, True, True, False],
                         na_position="last")
     return df.drop(columns=["_dense", "_knobs"]).reset_index(drop=True)
+
+
+def _status(r: Record, ref: Record | None) -> str:
+    """ok, failed with the reason, or collapsed: finite but useless perplexity (the record itself stays ok)."""
+    if r.status != "ok":
+        return f"failed: {r.error}"
+    ppl, ref_ppl = r.metrics.get("perplexity"), ref.metrics.get("perplexity") if ref else None
+    if ppl is not None and ref_ppl and ppl > COLLAPSE_FACTOR * ref_ppl:
+        return f"collapsed: ppl {ppl / ref_ppl:,.0f}x dense"
+    return "ok"
 
 
 def _mark_noise(df: pd.DataFrame) -> pd.DataFrame:
@@ -152,7 +164,9 @@ def markdown(df: pd.DataFrame, tolerance_note: str = "", legend: str = "") -> st
              "ratio = share of whole-model unique stored parameters removed (embeddings included, shared tensors "
              "counted once), counted on the compressed model. `budget` flags cells whose achieved ratio misses "
              f"the target by more than the tolerance{tolerance_note}. `retained` = mean zero-shot accuracy / "
-             "the dense model's. Accuracy per task is acc_norm where lm-eval reports it, else acc.", "",
+             "the dense model's. Accuracy per task is acc_norm where lm-eval reports it, else acc. `status` says "
+             f"collapsed where perplexity exceeds {COLLAPSE_FACTOR:g}x the dense model's (the cell ran; it is not "
+             "ranked).", "",
              *([legend, ""] if legend else [])]
     for (model, suite), group in df.groupby(["model", "suite"], sort=True):
         table = display_table(group if group["seed_sd"].notna().any() else group.drop(columns="seed_sd"))

@@ -35,7 +35,7 @@ RECORDS = [
     _rec("close", 0.2, 0, accs=(0.67, 0.67), ppl=24.0),  # seeds average to 0.68: 0.02 below good, within noise
     _rec("close", 0.2, 1, accs=(0.69, 0.69), ppl=26.0),
     _rec("bad", 0.2, accs=(0.40, 0.40), ppl=90.0),  # 0.30 below good: clearly worse
-    _rec("bad", 0.4, accs=(0.35, 0.35), ppl=200.0),  # alone at 40 %: the best there
+    _rec("bad", 0.4, accs=(0.35, 0.35), ppl=95.0),  # alone at 40 %: the best there (under 10x dense: ranked)
 ]
 
 
@@ -164,3 +164,21 @@ def test_cli_compare_asks_for_a_model_when_two_have_both_methods(results, capsys
     assert main(["compare", "good", "bad", "--results-dir", str(results)]) == 2
     assert "pick one with --model and --suite" in capsys.readouterr().err
     assert main(["compare", "good", "bad", "--results-dir", str(results), "--model", "tiny-2"]) == 0
+
+
+def test_a_collapsed_cell_is_marked_and_not_ranked():
+    from bench.leaderboard import frame
+    from bench.records import Record
+
+    def rec(method, ratio, ppl, acc):
+        r = Record(model={"name": "m"}, method=method, knobs={}, knob_overrides={}, target_ratio=ratio, seed=0,
+                   suite={"name": "quick"}, key=method, environment={}, started="")
+        r.metrics = {"perplexity": ppl, "mean_acc": acc,
+                     "tasks": {"piqa": {"acc": acc, "acc_stderr": 0.01, "main": "acc"}}}
+        r.budget = {"achieved_ratio": ratio, "target_ratio": ratio, "within_tolerance": True}
+        return r
+
+    df = frame([rec("dense", 0.0, 20.0, 0.6), rec("a", 0.1, 30.0, 0.5), rec("b", 0.1, 250.0, 0.55)])
+    by = df.set_index("method")
+    assert by.loc["a", "status"] == "ok" and by.loc["a", "near_best"] == "best"
+    assert by.loc["b", "status"] == "collapsed: ppl 12x dense" and by.loc["b", "near_best"] is None
