@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                                                        "~/.cache/slimbench)")
     r.add_argument("--no-save", action="store_true", help="do not keep compressed checkpoints (size is still measured)")
     r.add_argument("--force", action="store_true", help="recompute cells that already have a complete record")
+    r.add_argument("--no-cache", action="store_true", help="recompute everything: no reused records, no stored or "
+                                                         "shared calibration statistics (to measure the caches)")
 
     sw = sub.add_parser("sweep", help="run the grid a sweep file describes (see sweeps/default.toml)")
     sw.add_argument("file", help="TOML sweep file")
@@ -76,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         sw.add_argument(flag, **kw)
     sw.add_argument("--no-save", action="store_true", help="do not keep compressed checkpoints")
     sw.add_argument("--force", action="store_true", help="recompute cells that already have a complete record")
+    sw.add_argument("--no-cache", action="store_true", help="recompute everything (see bench run --help)")
 
     lb = sub.add_parser("leaderboard", help="regenerate leaderboard/ from the records in results/")
     lb.add_argument("--results-dir", default="results")
@@ -147,7 +150,7 @@ def cmd_run(args) -> int:
                     suite=suite, knobs=knobs, device=args.device, dtype=args.dtype,
                     cache=args.cache_dir, results_dir=args.results_dir, save_checkpoints=not args.no_save,
                     tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance, force=args.force,
-                    record_refusals=args.methods == "all")
+                    record_refusals=args.methods == "all", no_cache=args.no_cache)
     console = _console()
     t0 = time.perf_counter()
     with RichEvents(console) as events:
@@ -174,7 +177,7 @@ def cmd_sweep(args) -> int:
     extra = ["--device", args.device, "--dtype", args.dtype, "--results-dir", args.results_dir,
              "--leaderboard-dir", args.leaderboard_dir]
     extra += (["--cache-dir", args.cache_dir] if args.cache_dir else []) + (["--no-save"] if args.no_save else [])
-    extra += ["--force"] if args.force else []
+    extra += (["--force"] if args.force else []) + (["--no-cache"] if args.no_cache else [])
     parsed = [_parser().parse_args([*argv, *extra]) for argv in runs]  # every run is checked before any starts
     codes = [cmd_run(a) for a in parsed]
     return max(codes)

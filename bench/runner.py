@@ -49,6 +49,9 @@ class RunConfig:
     #: a method that refuses a ratio or the model (its solver raises) is recorded as failed and the run goes on;
     #: when False (methods named one by one) such a refusal is bad input and stops the run before any work
     record_refusals: bool = False
+    #: recompute everything a cell needs: no reused records, no statistics shared between cells or read from disk
+    #: (for measuring what the caches save, or distrusting them)
+    no_cache: bool = False
 
 
 @dataclass
@@ -140,10 +143,10 @@ def run(cfg: RunConfig, events: Events | None = None) -> list[Record]:
             model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.cache).model
         try:
             if inst is not None:
-                if cell.seed not in calibrations:
+                if cell.seed not in calibrations or cfg.no_cache:
                     events.cell(cell, "calibration data")
-                    calibrations[cell.seed] = _calibration(loaded.tokenizer, cfg.suite, cell.seed,
-                                                           cache_dir(cfg.cache) / "stats", model_key)
+                    stats = None if cfg.no_cache else cache_dir(cfg.cache) / "stats"
+                    calibrations[cell.seed] = _calibration(loaded.tokenizer, cfg.suite, cell.seed, stats, model_key)
                 calib = calibrations[cell.seed]
                 _compress(model, inst, calib, solutions[(cell.method, cell.ratio)], rec, cfg,
                           lambda step, c=cell: events.cell(c, step))
@@ -190,7 +193,7 @@ def _solve_all(cfg: RunConfig, instances: dict[str, Method], adapter) -> tuple[d
 
 def _existing(cfg: RunConfig, rec: Record) -> Record | None:
     """A complete record of the same cell with the same key, unless --force."""
-    if cfg.force:
+    if cfg.force or cfg.no_cache:
         return None
     import json
 
@@ -202,7 +205,7 @@ def _existing(cfg: RunConfig, rec: Record) -> Record | None:
     return old if old.key == rec.key and old.status == "ok" else None
 
 
-def _calibration(tokenizer, suite: Suite, seed: int, stats_dir: Path, model_key: str) -> Calibration:
+def _calibration(tokenizer, suite: Suite, seed: int, stats_dir: Path | None, model_key: str) -> Calibration:
     tokens = data.calibration_batch(tokenizer, suite.calib_samples, suite.calib_seq_len, seed)
     return Calibration(tokens=tokens, seed=seed, batch_size=max(1, suite.eval_batch_size // 2),
                        source="packaged Wikipedia (exllamav2 wiki.utf8), calibration documents",

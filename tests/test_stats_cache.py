@@ -55,8 +55,8 @@ def test_no_cache_dir_means_memory_only(tmp_path):
 
 
 def test_a_second_command_reads_the_statistics_from_disk(tmp_path, tiny_model_dir):
-    def run(methods):
-        return main(["run", "--model", str(tiny_model_dir), "--methods", methods, "--ratio", "0.2",
+    def run(methods, *extra):
+        return main(["run", "--model", str(tiny_model_dir), "--methods", methods, "--ratio", "0.2", *extra,
                      "--results-dir", str(tmp_path / "results"), "--leaderboard-dir", str(tmp_path / "lb"),
                      "--cache-dir", str(tmp_path / "cache"), "--tasks", "none", "--calib-samples", "4",
                      "--calib-seq-len", "64", "--no-save"])
@@ -66,3 +66,9 @@ def test_a_second_command_reads_the_statistics_from_disk(tmp_path, tiny_model_di
     by = {r.method: r for r in load_records(tmp_path / "results")[0]}
     assert by["svdllm"].cost["statistics"] == [{"statistic": "grams", "source": "computed"}]
     assert by["basis"].cost["statistics"][0]["source"].startswith("disk ")
+    dense_file = next((tmp_path / "results").rglob("dense__*.json"))
+    stamp = dense_file.stat().st_mtime_ns
+    assert run("basis", "--no-cache") == 0  # everything recomputed: the dense cell and the statistics
+    by = {r.method: r for r in load_records(tmp_path / "results")[0]}
+    assert by["basis"].cost["statistics"] == [{"statistic": "grams", "source": "computed"}]
+    assert dense_file.stat().st_mtime_ns != stamp
