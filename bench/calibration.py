@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -68,8 +69,10 @@ class Calibration:
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
         return Path(self.cache_dir) / f"{name}-{key}.safetensors"
 
-    def log(self, name: str, source: str) -> None:
-        self.memo.setdefault("log", []).append({"statistic": name, "source": source})
+    def log(self, name: str, source: str, seconds: float = 0.0) -> None:
+        """Say where statistic ``name`` came from and what getting it cost (what a cache hit saves is
+        the ``seconds`` of the cell that computed it minus its own)."""
+        self.memo.setdefault("log", []).append({"statistic": name, "source": source, "seconds": round(seconds, 3)})
 
     def describe(self) -> dict:
         return {"source": self.source, "n_samples": self.n_samples, "seq_len": self.seq_len,
@@ -109,12 +112,13 @@ def collect_grams(model: nn.Module, adapter, calib: Calibration, progress: Progr
     if "grams" in calib.memo:
         calib.log("grams", "memory")
         return calib.memo["grams"]
+    t0 = time.perf_counter()
     path = calib.stats_path("grams", adapter)
     stored = _load(path, model_device(model))
     if stored is not None:
         grams = {(int(k.split(".")[0]), k.split(".", 1)[1]): v for k, v in stored.items()}
         calib.memo["grams"] = grams
-        calib.log("grams", f"disk {path}")
+        calib.log("grams", f"disk {path}", time.perf_counter() - t0)
         return grams
     grams: dict = {}
 
@@ -135,7 +139,7 @@ def collect_grams(model: nn.Module, adapter, calib: Calibration, progress: Progr
     with hooks(handles):
         forward_all(model, calib, progress)
     calib.memo["grams"] = grams
-    calib.log("grams", "computed")
+    calib.log("grams", "computed", time.perf_counter() - t0)
     _store(path, {f"{b}.{role}": g for (b, role), g in grams.items()})
     return grams
 
@@ -148,11 +152,12 @@ def collect_block_cosines(model: nn.Module, adapter, calib: Calibration, progres
     if "block_cosines" in calib.memo:
         calib.log("block_cosines", "memory")
         return calib.memo["block_cosines"]
+    t0 = time.perf_counter()
     path = calib.stats_path("block_cosines", adapter)
     stored = _load(path, "cpu")
     if stored is not None:
         calib.memo["block_cosines"] = stored["cosines"]
-        calib.log("block_cosines", f"disk {path}")
+        calib.log("block_cosines", f"disk {path}", time.perf_counter() - t0)
         return stored["cosines"]
     n = adapter.num_blocks
     sums = torch.zeros(n, dtype=torch.float64)
@@ -183,7 +188,7 @@ def collect_block_cosines(model: nn.Module, adapter, calib: Calibration, progres
         forward_all(model, calib, progress)
     result = sums / counts.clamp(min=1)
     calib.memo["block_cosines"] = result
-    calib.log("block_cosines", "computed")
+    calib.log("block_cosines", "computed", time.perf_counter() - t0)
     _store(path, {"cosines": result})
     return result
 
