@@ -20,7 +20,7 @@ import pandas as pd
 
 from bench import plots
 from bench.compare import label, pooled_se
-from bench.leaderboard import COLUMNS, DENSE, LABELS, TASK_SHORT, _fmt, frame, noise_legend
+from bench.leaderboard import COLLAPSE_FACTOR, COLUMNS, DENSE, LABELS, TASK_SHORT, _fmt, frame, noise_legend
 from bench.records import Record
 
 KEYS = ["model", "suite", "method", "target"]
@@ -115,8 +115,11 @@ def _section(title: str, rows: pd.DataFrame, index: int) -> str:
     head = "".join(f'<th data-key="{escape(c)}">{escape(LABELS.get(c, c))}</th>' for c in cols)
     figures = "".join(plots.svg(plots.figure(draw, [(title, rows)], size), salt=f"{index}-{name}")
                       for name, draw, size in FIGURES)
-    n_ok, n_failed = int(rows.loc[rows["status"] == "ok", "n"].sum()), int((rows["status"] != "ok").sum())
-    return (f'<section><h2>{escape(title)}</h2><p class="note">{n_ok} ok cells, {n_failed} failed.</p>\n'
+    status = rows["status"].astype(str)
+    n_ok = int(rows.loc[status == "ok", "n"].sum())
+    n_collapsed, n_failed = int(status.str.startswith("collapsed").sum()), int(status.str.startswith("failed").sum())
+    counts = f"{n_ok} ok cells, {n_collapsed} collapsed (ran; perplexity over {COLLAPSE_FACTOR:g}x dense), {n_failed} failed."
+    return (f'<section><h2>{escape(title)}</h2><p class="note">{escape(counts)}</p>\n'
             f'<div class="wrap"><table class="board"><thead><tr>{head}</tr></thead>\n'
             f'<tbody class="pinned">{body[0]}</tbody>\n<tbody>{body[1]}</tbody></table></div>\n'
             f'<div class="plots">{figures}</div></section>\n')

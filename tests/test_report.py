@@ -359,3 +359,13 @@ def test_header_clicks_sort_in_a_real_browser(board, chromium, tmp_path):
     finally:
         browser.close()
     assert _png_size(shot) == browser.size and shot.stat().st_size > 20_000
+
+
+def test_the_section_counts_collapsed_cells_apart_from_failed_ones(tmp_path):
+    """A collapsed cell ran (its record is ok) and is not a failure: the page's count says which is which."""
+    for r in (_rec("dense", 0.0, ppl=10.0), _rec("alpha", 0.2, ppl=20.0), _rec("alpha", 0.2, 1, ppl=21.0),
+              _rec("beta", 0.2, ppl=5000.0), _rec("gamma", 0.2, error="RuntimeError: boom")):
+        write_record(tmp_path / "results", r)
+    leaderboard.write(tmp_path / "results", tmp_path / "lb")
+    text = (tmp_path / "lb" / "index.html").read_text()
+    assert "3 ok cells, 1 collapsed (ran; perplexity over 100x dense), 1 failed." in text
