@@ -86,12 +86,22 @@ def record_path(results_dir: str | os.PathLike, rec: Record) -> Path:
     return Path(results_dir) / rec.model["name"] / rec.suite["name"] / name
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def write_record(results_dir: str | os.PathLike, rec: Record) -> Path:
     """Write ``rec`` atomically; an existing record for the same cell is replaced only once the new one is whole."""
     path = record_path(results_dir, rec)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a record is as readable as any file the user writes
         with os.fdopen(fd, "w") as f:
             f.write(rec.to_json())
             f.flush()

@@ -94,6 +94,16 @@ def test_a_full_disk_keeps_the_previous_record(tmp_path, tiny_model_dir, plugins
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_an_atomically_written_record_has_the_usual_permissions(tmp_path):
+    """The temporary file behind the atomic write is private (0600); the record it becomes must not be."""
+    rec = records_mod.Record(model={"name": "tiny"}, method="alpha", knobs={}, knob_overrides={}, target_ratio=0.2,
+                             seed=0, suite={"name": "quick"})
+    path = records_mod.write_record(tmp_path, rec)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_kill_9_loses_at_most_the_cell_in_progress(tmp_path, tiny_model_dir):
     sweep = tmp_path / "grid.toml"
     sweep.write_text(f'models = ["{tiny_model_dir}"]\nmethods = ["svdllm", "shortgpt", "basis"]\n'
