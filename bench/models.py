@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import os
 import re
 import shutil
@@ -168,3 +169,14 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
         tok.pad_token = tok.eos_token
     return LoadedModel(model=model, tokenizer=tok, name=slug(name), source=source, path=str(where),
                        dtype=str(torch_dtype).removeprefix("torch."), device=dev)
+
+
+def kv_cache_kwarg(model: nn.Module) -> str:
+    """The keyword a model's forward takes its KV cache by: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_kv_cache(output):
+    """The KV cache a forward returned, under either transformers naming."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values

@@ -35,10 +35,11 @@ class DroppedAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
-        if past_key_values is not None:
+    def forward(self, hidden_states: torch.Tensor, *args, cache=None, past_key_values=None, **kwargs):
+        kv = cache if cache is not None else past_key_values  # transformers >= 5.24 names it `cache`
+        if kv is not None:
             stub = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
-            past_key_values.update(stub, stub, self.layer_idx)
+            kv.update(stub, stub, self.layer_idx)
         return torch.zeros_like(hidden_states), None
 
 

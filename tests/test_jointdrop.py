@@ -11,6 +11,7 @@ from bench.adapters import get_adapter
 from bench.adapters.base import get_module
 from bench.budget import count_params
 from bench.errors import UserError
+from bench.models import kv_cache_kwarg, returned_kv_cache
 from methods.jointdrop import JointDrop
 
 
@@ -118,9 +119,10 @@ def test_kv_cache_stays_right_when_layer_zero_attention_is_gone(family, tmp_path
     with torch.no_grad():
         full = model(ids).logits
         out = model(ids[:, :12], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
+        cache, steps = returned_kv_cache(out), [out.logits]
+        cache_kw = kv_cache_kwarg(model)
         for t in range(12, 20):  # past the sliding windows of the families that have them
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, t : t + 1], use_cache=True, **{cache_kw: cache})
             steps.append(out.logits)
         assert cache.get_seq_length() == 20
         torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-4)

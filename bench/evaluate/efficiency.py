@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from bench.errors import UserError
+from bench.models import kv_cache_kwarg, returned_kv_cache
 
 STATM = Path("/proc/self/statm")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -89,7 +90,7 @@ def latency(
 ) -> dict:
     """Median prefill time of 1 x prompt_len random tokens, and greedy decode speed with the KV cache.
 
-    Decoding is a manual loop over `past_key_values` (not `generate`), so it works for any causal
+    Decoding is a manual loop over the returned KV cache (not `generate`), so it works for any causal
     LM and never stops early at EOS; its time excludes the prefill that builds the cache.
     """
     if prompt_len < 1 or new_tokens < 1 or repeats < 1 or warmup < 0:
@@ -106,6 +107,7 @@ def latency(
     was_training = model.training
     model.eval()
     prefill_s, decode_s = [], []
+    cache_kw = kv_cache_kwarg(model)
     with torch.inference_mode():
         for i in range(warmup + repeats):
             _sync(device)
@@ -114,12 +116,12 @@ def latency(
             _sync(device)
             t1 = time.perf_counter()
             out = model(input_ids=prompt, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            past, token = returned_kv_cache(out), out.logits[:, -1:].argmax(-1)
             _sync(device)
             t2 = time.perf_counter()
             for _ in range(new_tokens):
-                out = model(input_ids=token, past_key_values=past, use_cache=True)
-                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = model(input_ids=token, use_cache=True, **{cache_kw: past})
+                past, token = returned_kv_cache(out), out.logits[:, -1:].argmax(-1)
             _sync(device)
             t3 = time.perf_counter()
             if i >= warmup:
