@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,8 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench import integrity
+
 #: bump when a statistic's definition changes, so stored ones are not reused
-STATS_VERSION = 1
+STATS_VERSION = 2  # 2: files carry a content digest
 #: statistics larger than this are kept in memory only (a 7B model's Grams are tens of GB)
 MAX_CACHE_BYTES = 8 * 2**30
 
@@ -194,27 +195,12 @@ def collect_block_cosines(model: nn.Module, adapter, calib: Calibration, progres
 
 
 def _load(path: Path | None, device) -> dict | None:
-    """A stored statistic, or None when absent or unreadable (then it is recomputed and rewritten)."""
-    if path is None or not path.is_file():
-        return None
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device=str(device))
-    except Exception:  # a truncated or foreign file is a cache miss, never an error
-        return None
+    """A stored statistic, or None when absent; a file failing its digest is moved aside and recomputed."""
+    return integrity.load_tensors(path, device)
 
 
 def _store(path: Path | None, tensors: dict[str, torch.Tensor]) -> None:
-    """Write atomically (temporary file, then rename): a crash never leaves a half-written statistic."""
+    """Write atomically with a content digest; too large, a full disk or a read-only cache: memory only."""
     if path is None or sum(t.numel() * t.element_size() for t in tensors.values()) > MAX_CACHE_BYTES:
         return
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, path)
-    except OSError:  # disk full or read-only: the run goes on without the cache
-        tmp.unlink(missing_ok=True)
+    integrity.save_tensors(path, tensors)

@@ -11,18 +11,61 @@ from pathlib import Path
 from bench.errors import UserError
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--ratio {text!r}: give numbers like 0.12 or 0.12,0.24") from None
+def _items(text: str, flag: str, example: str) -> list[str]:
+    """The comma-separated values of ``flag``: none empty, at least one, no repeats."""
+    items = [x.strip() for x in text.split(",")]
+    if not text.strip() or any(not x for x in items):
+        raise UserError(f"{flag} {text!r} has an empty value; give e.g. {example}")
+    if len(set(items)) != len(items):
+        raise UserError(f"{flag} {text!r} repeats a value; give each once, e.g. {example}")
+    return items
 
 
-def _ints(text: str) -> list[int]:
+def _floats(text: str, flag: str = "--ratio") -> list[float]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in _items(text, flag, "0.12 or 0.12,0.24")]
     except ValueError:
-        raise UserError(f"--seeds {text!r}: give integers like 0 or 0,1,2") from None
+        raise UserError(f"{flag} {text!r}: give numbers like 0.12 or 0.12,0.24") from None
+    if any(v != v for v in values):
+        raise UserError(f"{flag} {text!r}: NaN is not a ratio; give numbers like 0.12")
+    return values
+
+
+def _ints(text: str, flag: str = "--seeds") -> list[int]:
+    try:
+        return [int(x) for x in _items(text, flag, "0 or 0,1,2")]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: give integers like 0 or 0,1,2") from None
+
+
+def _positive(value: int | None, flag: str, example: str) -> None:
+    if value is not None and value < 1:
+        raise UserError(f"{flag} {value}: give a positive number, e.g. {flag} {example}")
+
+
+def _writable(folder: str | None, flag: str) -> None:
+    """Refuse, before any work, a folder that is a file, cannot be created or written, or sits on a full disk."""
+    if folder is None:
+        return
+    path = Path(folder).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the folder is created later, by the work itself
+    if not existing.is_dir():
+        what = "this is a file" if existing == path else f"{existing} is a file"
+        raise UserError(f"{flag} {folder}: {what}, not a folder; give a folder path")
+    try:
+        probe = existing / f".slimbench-probe-{os.getpid()}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 65536)  # a full disk refuses data, not always an empty file
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
+    except OSError as err:
+        raise UserError(f"{flag} {folder}: cannot write there ({err.strerror or err}); give a writable folder "
+                        "with free space") from None
 
 
 def _knobs(pairs: list[str]) -> dict[str, dict]:
@@ -99,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="try a prompt on a model or a saved compressed checkpoint")
     g.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder (see a record's `checkpoint`), alias, ...")
     g.add_argument("--prompt", default="The capital of France is")
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (1 or more)")
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="auto")
     g.add_argument("--cache-dir", default=None)
@@ -129,28 +172,48 @@ def _apply_train_tokens(methods: list[str], knobs: dict[str, dict], tokens: int)
         knobs.setdefault(m, {}).setdefault("train_tokens", str(tokens))
 
 
-def cmd_run(args) -> int:
-    from bench import leaderboard
+def run_config(args):
+    """Every flag of ``bench run`` checked and turned into a RunConfig; UserError before any work."""
     from bench.budget import DEFAULT_TOLERANCE
-    from bench.display import RichEvents
+    from bench.models import cache_dir, locate
     from bench.registry import available
-    from bench.runner import RunConfig, run
+    from bench.runner import RunConfig
     from bench.suites import get_suite
 
-    methods = list(available()) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.methods == "all":
+        methods = list(available())
+    else:
+        methods = _items(args.methods, "--methods", "svdllm,basis (see `bench list methods`)")
     tasks = None
     if args.tasks is not None:
-        tasks = () if args.tasks == "none" else tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+        tasks = () if args.tasks == "none" else tuple(_items(args.tasks, "--tasks", "arc_easy,piqa or none"))
+    _positive(args.limit, "--limit", "40")
+    _positive(args.calib_samples, "--calib-samples", "32")
+    _positive(args.calib_seq_len, "--calib-seq-len", "512")
+    if args.tolerance is not None and not 0 <= args.tolerance < 1:
+        raise UserError(f"--tolerance {args.tolerance}: give a share of the model in [0, 1), e.g. 0.02")
     suite = get_suite(args.suite, tasks=tasks, task_limit=args.limit, calib_samples=args.calib_samples,
                       calib_seq_len=args.calib_seq_len)
     knobs = _knobs(args.knobs)
     if args.train_tokens is not None:
         _apply_train_tokens(methods, knobs, args.train_tokens)
-    cfg = RunConfig(model=args.model, methods=methods, ratios=_floats(args.ratio), seeds=_ints(args.seeds),
-                    suite=suite, knobs=knobs, device=args.device, dtype=args.dtype,
-                    cache=args.cache_dir, results_dir=args.results_dir, save_checkpoints=not args.no_save,
-                    tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance, force=args.force,
-                    record_refusals=args.methods == "all", no_cache=args.no_cache)
+    for flag, folder in (("--results-dir", args.results_dir), ("--leaderboard-dir", args.leaderboard_dir),
+                         ("--cache-dir", str(cache_dir(args.cache_dir)))):
+        _writable(folder, flag)
+    locate(args.model, cache_dir(args.cache_dir))  # a missing or damaged model is refused here, not mid-run
+    return RunConfig(model=args.model, methods=methods, ratios=_floats(args.ratio), seeds=_ints(args.seeds),
+                     suite=suite, knobs=knobs, device=args.device, dtype=args.dtype,
+                     cache=args.cache_dir, results_dir=args.results_dir, save_checkpoints=not args.no_save,
+                     tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance, force=args.force,
+                     record_refusals=args.methods == "all", no_cache=args.no_cache)
+
+
+def cmd_run(args, cfg=None) -> int:
+    from bench import leaderboard
+    from bench.display import RichEvents
+    from bench.runner import run
+
+    cfg = cfg or run_config(args)
     console = _console()
     t0 = time.perf_counter()
     with RichEvents(console) as events:
@@ -160,9 +223,10 @@ def cmd_run(args) -> int:
         console.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
     keys = {r.key for r in records}
     mine = leaderboard.frame(records)
-    console.print(leaderboard.rich_table(mine, title=f"{records[0].model['name']} — suite {suite.name}"))
+    console.print(leaderboard.rich_table(mine, title=f"{records[0].model['name']} — suite {cfg.suite.name}"))
+    computed = getattr(events, "counts", {}).get("ok", 0) + getattr(events, "counts", {}).get("failed", 0)
     console.print(f"records in {args.results_dir}/, leaderboard in {', '.join(map(str, paths))}; "
-                  f"{len(keys)} cells, {time.perf_counter() - t0:.0f} s")
+                  f"{len(keys)} cells ({computed} computed here), {time.perf_counter() - t0:.0f} s")
     failed = [r for r in records if r.status != "ok"]
     for r in failed:
         console.print(f"[red]failed:[/] {r.method} at {r.target_ratio}: {r.error}")
@@ -170,7 +234,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    """Each model of the sweep is one `bench run`; the exit code is the worst of them."""
+    """Each model of the sweep is one `bench run`, all checked before any starts; the exit code is the worst."""
     from bench import sweep
 
     runs = sweep.load(args.file)
@@ -178,9 +242,14 @@ def cmd_sweep(args) -> int:
              "--leaderboard-dir", args.leaderboard_dir]
     extra += (["--cache-dir", args.cache_dir] if args.cache_dir else []) + (["--no-save"] if args.no_save else [])
     extra += (["--force"] if args.force else []) + (["--no-cache"] if args.no_cache else [])
-    parsed = [_parser().parse_args([*argv, *extra]) for argv in runs]  # every run is checked before any starts
-    codes = [cmd_run(a) for a in parsed]
-    return max(codes)
+    planned = []
+    for argv in runs:
+        parsed = _parser().parse_args([*argv, *extra])
+        try:
+            planned.append((parsed, run_config(parsed)))
+        except UserError as err:
+            raise UserError(f"{args.file}: {sweep.in_toml_terms(str(err))}") from None
+    return max(cmd_run(a, cfg) for a, cfg in planned)
 
 
 def cmd_leaderboard(args) -> int:
@@ -188,6 +257,7 @@ def cmd_leaderboard(args) -> int:
 
     if not Path(args.results_dir).is_dir():
         raise UserError(f"no results folder {args.results_dir!r}; run `bench run` first or pass --results-dir")
+    _writable(args.out, "--out")
     df, problems, paths = leaderboard.write(args.results_dir, args.out)
     console = _console()
     for line in problems:
@@ -259,6 +329,7 @@ def cmd_generate(args) -> int:
 
     from bench.models import load_model
 
+    _positive(args.max_new_tokens, "--max-new-tokens", "32")
     loaded = load_model(args.model, args.device, args.dtype, args.cache_dir)
     tok = loaded.tokenizer
     ids = tok(args.prompt, return_tensors="pt").to(loaded.device)
@@ -288,8 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished cells are saved under results/; run the same command again to resume",
-              file=sys.stderr)
+        where = getattr(args, "results_dir", None)
+        saved = f"finished cells are saved under {where}/; " if where else ""
+        print(f"interrupted: {saved}run the same command again to resume", file=sys.stderr)
         return 130
 
 

@@ -9,7 +9,6 @@ latency and size have none either, only their spread over seeds.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.errors import UserError
-from bench.records import Record, load_records
+from bench.records import Record, latest, load_records, read_record
 
 Z = 1.96  # two-sided 95 %
 DENSE = "dense"
@@ -180,8 +179,8 @@ def _comparison(title: str, a: list[Record], b: list[Record]) -> Comparison:
 
 def _load_file(path: str) -> Record:
     try:
-        rec = Record.from_dict(json.loads(Path(path).read_text()))
-    except (OSError, ValueError, TypeError) as err:
+        rec = read_record(path)
+    except (OSError, ValueError) as err:
         raise UserError(f"{path}: not a readable slimbench record ({err}); give a .json file from results/") from None
     if rec.status != "ok":
         raise UserError(f"{path}: that cell failed ({rec.error}); compare records with status ok")
@@ -204,6 +203,7 @@ def compare_methods(results_dir: str, a: str, b: str, model: str | None = None, 
     if not Path(results_dir).is_dir():
         raise UserError(f"no results folder {results_dir!r}; run `bench run` first or pass --results-dir")
     records, _ = load_records(results_dir)
+    records, _ = latest(records)
     records = [r for r in records if (model is None or r.model["name"] == model)
                and (suite is None or r.suite["name"] == suite)]
     where = "".join(f" {flag} {v}" for flag, v in (("--model", model), ("--suite", suite)) if v)

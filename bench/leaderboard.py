@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from bench.compare import DENSE, Z, main_acc, mean_acc_se, pooled_se, within_noise
-from bench.records import Record, load_records
+from bench.records import Record, latest, load_records
 
 TASK_SHORT = {"arc_easy": "ARC-e", "arc_challenge": "ARC-c", "piqa": "PIQA", "hellaswag": "HellaS",
               "winogrande": "WinoG", "boolq": "BoolQ", "openbookqa": "OBQA"}
@@ -178,6 +178,10 @@ def markdown(df: pd.DataFrame, tolerance_note: str = "", legend: str = "") -> st
 def write(results_dir: str | Path, out_dir: str | Path) -> tuple[pd.DataFrame, list[str], list[Path]]:
     """Regenerate the leaderboard files from every record; returns the frame, skipped files, written paths."""
     records, problems = load_records(results_dir)
+    records, superseded = latest(records)
+    if superseded:
+        problems = [*problems, f"{superseded} older record(s) of the same cells superseded by newer ones "
+                               "(kept on disk; the tables show the newest)"]
     df = frame(records)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ A GGUF model is dequantised once and cached as safetensors under the cache folde
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import importlib.util
 import inspect
 import os
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench import integrity
 from bench.errors import UserError
 
 
@@ -92,28 +93,81 @@ def _package_dir(package: str, install: str) -> Path:
 
 
 def _dequantised_cache(gguf: Path, cache: Path) -> Path:
-    """Dequantise ``gguf`` into a safetensors folder once; later calls reuse it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}".encode()).hexdigest()[:12]
+    """Dequantise ``gguf`` into a safetensors folder once, keyed by the GGUF file's content; later calls reuse it
+    after checking every file against the manifest written with it (a damaged copy is moved aside and rebuilt).
+    Two processes dequantising at once both succeed: the second finds the first's folder and uses it."""
+    key = integrity.cached_file_digest(gguf, cache)[:16]
     target = cache / "models" / f"{gguf.stem}-{key}"
-    if (target / "config.json").exists():
-        return target
+    if target.exists():
+        problem = integrity.verify_manifest(target)
+        if problem is None:
+            return target
+        integrity.quarantine(target, problem)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model.hf_quantizer = None  # save_pretrained refuses a model that still carries its GGUF quantizer
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, target)
+        _dequantise(gguf, tmp)
+        integrity.write_manifest(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError as err:  # another process finished first: use its (verified) folder
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or integrity.verify_manifest(target) is not None:
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _dequantise(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (ValueError, OSError, KeyError) as err:
+        raise UserError(f"{gguf}: could not read this GGUF model ({str(err).splitlines()[0][:160]}); give a GGUF file "
+                        "of a supported architecture (see `bench list models`)") from None
+    model.hf_quantizer = None  # save_pretrained refuses a model that still carries its GGUF quantizer
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+GGUF_MAGIC = b"GGUF"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _check_gguf(path: Path) -> None:
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise UserError(f"{path} is not a GGUF file (it does not start with 'GGUF'); give a .gguf model file, "
+                            "a Hugging Face folder or an alias")
+
+
+def _check_folder(path: Path) -> None:
+    """Refuse, before any work, a model folder that cannot load: unreadable config, no tokenizer,
+    PyTorch-pickle-only weights, truncated or foreign safetensors."""
+    import json
+
+    try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, OSError) as err:
+        raise UserError(f"{path / 'config.json'} is not readable JSON ({err}); restore the model folder") from None
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise UserError(f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save the model's tokenizer "
+                        "into the folder (tokenizer.save_pretrained)")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        what = f"only PyTorch pickles ({', '.join(pickles[:3])})" if pickles else "no weights"
+        raise UserError(f"{path} has {what}; slimbench loads safetensors only: convert with "
+                        "model.save_pretrained(folder, safe_serialization=True)")
+    for w in weights:
+        try:
+            integrity.safetensors_header(w)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{w} is damaged: {err}; restore or re-download the weights") from None
 
 
 def locate(name: str, cache: Path) -> tuple[Path | str, str]:
@@ -128,11 +182,13 @@ def locate(name: str, cache: Path) -> tuple[Path | str, str]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"GGUF file {path} does not exist; give the path to a .gguf file")
+        _check_gguf(path)
         return _dequantised_cache(path.resolve(), cache), f"GGUF file {path}, dequantised"
     if path.is_dir():
         if (path / "slimbench.json").exists():
             return path, f"slimbench checkpoint {path}"
         if (path / "config.json").exists():
+            _check_folder(path)
             return path, f"local folder {path}"
         raise UserError(f"{path} has no config.json: give a Hugging Face model folder, a .gguf file or an alias "
                         f"({', '.join(ALIASES)})")
@@ -158,11 +214,12 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
         model, tok = checkpoint.load(where, dtype=torch_dtype, device=dev)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch_dtype, use_safetensors=True)
             tok = AutoTokenizer.from_pretrained(str(where))
-        except OSError as err:
-            raise UserError(f"could not load {name!r}: {str(err).splitlines()[0]} (offline? set HF_HUB_OFFLINE=0 "
-                            "and check the id, or give a local folder)") from None
+        except (OSError, ValueError) as err:
+            hint = ("restore the folder's files" if isinstance(where, Path) else
+                    "offline? set HF_HUB_OFFLINE=0 and check the id, or give a local folder")
+            raise UserError(f"could not load {name!r}: {str(err).splitlines()[0][:200]} ({hint})") from None
         model.to(dev)
     model.eval()
     if tok.pad_token is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -18,7 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: strict JSON (non-finite numbers as null, listed in ``non_finite``); key in the file name
+READABLE_VERSIONS = (1, 2)
 SCHEMA = "slimbench.result"
 
 
@@ -46,20 +48,68 @@ class Record:
     started: str = ""
     finished: str = ""
     key: str = ""
+    #: where a number was NaN or infinite: JSON path -> "nan" / "inf" / "-inf" (the value itself is stored as null)
+    non_finite: dict[str, str] = field(default_factory=dict)
     schema: str = SCHEMA
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=False, default=_jsonable)
+        """Strict JSON: a NaN or infinity becomes null and its place is listed in ``non_finite``."""
+        data = json.loads(json.dumps(dataclasses.asdict(self), default=_jsonable))
+        found: dict[str, str] = {}
+        data = _finite(data, "", found)
+        data["non_finite"] = {**self.non_finite, **found}
+        self.non_finite = data["non_finite"]
+        return json.dumps(data, indent=1, sort_keys=False, allow_nan=False)
 
     @classmethod
-    def from_dict(cls, data: dict) -> Record:
-        if data.get("schema") != SCHEMA:
+    def from_dict(cls, data: Any) -> Record:
+        """Check the shape of a parsed record; anything malformed raises ValueError naming the field."""
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             raise ValueError("not a slimbench result record")
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"schema version {data.get('schema_version')} (this slimbench reads {SCHEMA_VERSION})")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        if data.get("schema_version") not in READABLE_VERSIONS:
+            raise ValueError(f"schema version {data.get('schema_version')} (this slimbench reads "
+                             f"{', '.join(map(str, READABLE_VERSIONS))})")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name in REQUIRED:
+            if name not in data:
+                raise ValueError(f"field {name!r} is missing")
+        for name, value in data.items():
+            if name in fields and not _type_ok(value, str(fields[name].type)):
+                raise ValueError(f"field {name!r} has the wrong type ({type(value).__name__})")
+        for part in ("model", "suite"):
+            if not isinstance(data[part].get("name"), str) or not data[part]["name"]:
+                raise ValueError(f"field {part}.name is missing or not a string")
+        tasks = data.get("metrics", {}).get("tasks")
+        if tasks is not None and not (isinstance(tasks, dict) and all(isinstance(v, dict) for v in tasks.values())):
+            raise ValueError("field metrics.tasks is not a table of task results")
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+REQUIRED = ("model", "method", "knobs", "knob_overrides", "target_ratio", "seed", "suite", "status")
+_TYPES = {"dict": dict, "list": list, "str": str, "int": int, "float": (int, float)}
+
+
+def _type_ok(value: Any, annotation: str) -> bool:
+    if value is None:
+        return "None" in annotation
+    if isinstance(value, bool):
+        return annotation.startswith("bool")
+    base = annotation.split("[")[0].split("|")[0].strip()
+    expected = _TYPES.get(base)
+    return expected is None or isinstance(value, expected)
+
+
+def _finite(value: Any, where: str, found: dict[str, str]) -> Any:
+    """``value`` with every non-finite float replaced by None, its path noted in ``found``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        found[where.lstrip(".")] = str(value)
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v, f"{where}.{k}", found) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v, f"{where}[{i}]", found) for i, v in enumerate(value)]
+    return value
 
 
 def _jsonable(obj: Any) -> Any:
@@ -81,8 +131,10 @@ def cell_key(parts: dict[str, Any]) -> str:
 
 
 def record_path(results_dir: str | os.PathLike, rec: Record) -> Path:
+    """Unique per key: runs that differ in anything that changes the result never share a file."""
     knob_tag = f"+{cell_key(rec.knob_overrides)[:6]}" if rec.knob_overrides else ""
-    name = f"{rec.method}{knob_tag}__r{rec.target_ratio:.3f}__s{rec.seed}.json"
+    key_tag = f"__{rec.key[:10]}" if rec.key else ""
+    name = f"{rec.method}{knob_tag}__r{rec.target_ratio:.3f}__s{rec.seed}{key_tag}.json"
     return Path(results_dir) / rec.model["name"] / rec.suite["name"] / name
 
 
@@ -118,10 +170,42 @@ def load_records(results_dir: str | os.PathLike) -> tuple[list[Record], list[str
     records, problems = [], []
     for path in sorted(Path(results_dir).rglob("*.json")):
         try:
-            records.append(Record.from_dict(json.loads(path.read_text())))
-        except (ValueError, TypeError, OSError) as err:
+            records.append(read_record(path))
+        except (ValueError, OSError) as err:
             problems.append(f"{path}: skipped ({err})")
     return records, problems
+
+
+def latest(records: list[Record]) -> tuple[list[Record], int]:
+    """One record per cell (model, suite settings, method, knobs, ratio, seed): the most recently finished.
+
+    Records keyed differently for the same cell (changed weights, another slimbench version) stay on disk
+    under their own names; tables show the newest. Returns the kept records and how many were superseded.
+    """
+    best: dict[str, Record] = {}
+    for r in records:
+        cell = json.dumps([r.model.get("name"), r.suite, r.method, r.knob_overrides, r.target_ratio, r.seed],
+                          sort_keys=True, default=str)
+        if cell not in best or (r.finished or "") > (best[cell].finished or ""):
+            best[cell] = r
+    newest = {id(r) for r in best.values()}
+    kept = [r for r in records if id(r) in newest]
+    return kept, len(records) - len(kept)
+
+
+def read_record(path: str | os.PathLike) -> Record:
+    """One record file; ValueError (naming the problem) when it is not valid strict JSON or not a record."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON: {err.msg} at line {err.lineno}") from None
+    return Record.from_dict(data)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"not strict JSON: bare {name}")
 
 
 def git_commit() -> str | None:

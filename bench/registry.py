@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import pkgutil
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -83,25 +84,39 @@ class Method:
 
 
 def _coerce(method: str, knob: str, value: Any, typ: Any) -> Any:
-    """Turn a CLI string into the knob's declared type."""
+    """Turn a CLI string into the knob's declared type (``X | None`` accepts "none"); NaN and infinity are refused."""
     if not isinstance(value, str) or typ is None or typ is str:
         return value
-    text = str(typ)
+    text = str(typ).replace("typing.", "")
+    parts = [p.strip() for p in text.split("|")]
+    optional = "None" in parts or "NoneType" in parts
+    base = next((p for p in parts if p not in ("None", "NoneType")), text)
+    base = {"<class 'int'>": "int", "<class 'float'>": "float", "<class 'bool'>": "bool"}.get(base, base)
+    example = {"int": "2", "float": "0.5", "bool": "true"}.get(base, "...")
+    if optional and value.strip().lower() in {"none", "null", ""}:
+        return None
     try:
-        if typ is bool or text == "bool":
+        if base == "bool":
             if value.lower() in {"1", "true", "yes", "on"}:
                 return True
             if value.lower() in {"0", "false", "no", "off"}:
                 return False
             raise ValueError(value)
-        if typ is int or text == "int":
+        if base == "int":
             return int(value)
-        if typ is float or text == "float":
-            return float(value)
-        if "list" in text or "tuple" in text:
+        if base == "float":
+            number = float(value)
+            if not math.isfinite(number):
+                raise UserError(f"knob {method}.{knob}={value!r} is not a finite number; give e.g. "
+                                f"{method}.{knob}={example}")
+            return number
+        if base.startswith(("list", "tuple")):
             return [v.strip() for v in value.split(",") if v.strip()]
     except ValueError:
-        raise UserError(f"knob {method}.{knob}={value!r} is not a valid {text}; give e.g. {method}.{knob}=...") from None
+        kind = {"int": "an integer", "float": "a number", "bool": "true or false"}.get(base, base)
+        none = " or none" if optional else ""
+        raise UserError(f"knob {method}.{knob}={value!r} is not {kind}{none}; give e.g. {method}.{knob}={example}") \
+            from None
     return value
 
 

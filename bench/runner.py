@@ -15,16 +15,17 @@ from pathlib import Path
 
 import torch
 
-from bench import checkpoint, data, structure
+from bench import checkpoint, data, integrity, structure
 from bench.adapters import get_adapter
 from bench.budget import DEFAULT_TOLERANCE, budget_report, count_block_matrix_params, count_params
 from bench.calibration import Calibration
+from bench.claims import Claims
 from bench.errors import UserError
 from bench.evaluate.efficiency import PeakMemory, dir_size
 from bench.evaluate.suite_eval import evaluate, is_finite_result
 from bench.evaluate.zeroshot import resolve_tasks
 from bench.models import cache_dir, load_model
-from bench.records import Record, cell_key, environment, now, record_path, write_record
+from bench.records import Record, cell_key, environment, now, read_record, record_path, write_record
 from bench.registry import Method, Solution, get_method
 from bench.suites import Suite
 
@@ -111,68 +112,137 @@ def run(cfg: RunConfig, events: Events | None = None) -> list[Record]:
                   "device": loaded.device.split(":")[0], "text": data.file_fingerprint(wiki),
                   "slimbench": env["versions"]["slimbench"]}
 
-    model_key = cell_key({"model": model_info | {"path": None}, "weights": _weights_stamp(loaded.path),
+    weights = integrity.weights_digest(loaded.path, cache_dir(cfg.cache))
+    base_parts["weights"] = weights
+    model_key = cell_key({"model": model_info | {"path": None}, "weights": weights,
                           "dtype": loaded.dtype, "device": base_parts["device"]})
+    model_notices = integrity.drain()  # a repaired model cache concerns every cell of this run
     events.info(f"model {loaded.name}: {loaded.source}; weights from {loaded.path} ({loaded.dtype} on {loaded.device}, "
                 f"{dense_params:,} parameters, {adapter.family} adapter)")
     cells = plan(cfg)
     events.start(len(cells))
-    records = []
-    calibrations: dict[int, Calibration] = {}
-    model = loaded.model
+    state = _State(loaded=loaded, calibrations={}, claims=Claims())
+    pending: list[tuple[Cell, Record]] = []
     for cell in cells:
         inst = instances.get(cell.method)
         knobs = inst.knob_dict() if inst else {}
-        overrides = cfg.knobs.get(cell.method, {})
         key = cell_key(base_parts | {"method": cell.method, "knobs": knobs, "ratio": cell.ratio, "seed": cell.seed})
-        rec = Record(model=model_info, method=cell.method, knobs=knobs, knob_overrides=overrides,
+        rec = Record(model=model_info, method=cell.method, knobs=knobs, knob_overrides=cfg.knobs.get(cell.method, {}),
                      target_ratio=cell.ratio, seed=cell.seed, suite=cfg.suite.to_dict(), key=key,
                      environment=env, started=now())
-        existing = _existing(cfg, rec)
+        if model_notices:
+            rec.details["cache_repairs"] = list(model_notices)
+        pending.append((cell, rec))
+    order = [rec for _, rec in pending]
+    records: dict[int, Record] = {}
+    waited = 0.0
+    while pending:  # cells another process holds are retried until its record appears or its claim lapses
+        deferred = []
+        for cell, rec in pending:
+            done = _try_cell(cfg, cell, rec, state, instances, solutions, refused, model_key, events,
+                             dense_params, dense_linear)
+            if done is None:
+                deferred.append((cell, rec))
+            else:
+                records[id(rec)] = done
+        if deferred:
+            if waited == 0.0:
+                events.info(f"{len(deferred)} cell(s) are being computed by another process; waiting for them")
+            time.sleep(WAIT_POLL)
+            waited += WAIT_POLL
+        pending = deferred
+    return [records[id(rec)] for rec in order]
+
+
+#: seconds between looks at a cell another process is computing
+WAIT_POLL = 2.0
+
+
+@dataclass
+class _State:
+    """What the cells of one run share: the loaded dense model (until a cell consumes it), calibrations, claims."""
+
+    loaded: object
+    calibrations: dict[int, Calibration]
+    claims: Claims
+    model: object = None
+    used_loaded: bool = False
+    computed: int = 0
+
+
+def _try_cell(cfg: RunConfig, cell: Cell, rec: Record, state: _State, instances, solutions, refused, model_key: str,
+              events: Events, dense_params: int, dense_linear: int) -> Record | None:
+    """Reuse, refuse or compute one cell; None when another live process is computing it."""
+    existing = _existing(cfg, rec)
+    if existing is not None:
+        events.done(cell, existing, record_path(cfg.results_dir, existing), reused=True)
+        return existing
+    path = record_path(cfg.results_dir, rec)
+    if not state.claims.acquire(path):
+        return None
+    try:
+        existing = _existing(cfg, rec)  # finished by another process between the look and the claim
         if existing is not None:
-            records.append(existing)
-            events.done(cell, existing, record_path(cfg.results_dir, existing), reused=True)
-            continue
+            events.done(cell, existing, path, reused=True)
+            return existing
         if (cell.method, cell.ratio) in refused:
             rec.status, rec.error = "failed", f"refused: {refused[(cell.method, cell.ratio)]}"
-            rec.finished = now()
-            records.append(rec)
-            events.done(cell, rec, write_record(cfg.results_dir, rec), reused=False)
-            continue
-        if model is None:
-            model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.cache).model
-        try:
-            if inst is not None:
-                if cell.seed not in calibrations or cfg.no_cache:
-                    events.cell(cell, "calibration data")
-                    stats = None if cfg.no_cache else cache_dir(cfg.cache) / "stats"
-                    calibrations[cell.seed] = _calibration(loaded.tokenizer, cfg.suite, cell.seed, stats, model_key)
-                calib = calibrations[cell.seed]
-                _compress(model, inst, calib, solutions[(cell.method, cell.ratio)], rec, cfg,
-                          lambda step, c=cell: events.cell(c, step))
-            cell_adapter = get_adapter(model)
-            rec.budget = vars(budget_report(dense_params, dense_linear, cell_adapter, cell.ratio, cfg.tolerance,
-                                            rec.solution.get("predicted_params")))
-            rec.metrics = evaluate(model, loaded.tokenizer, cell_adapter, cfg.suite,
-                                   progress=lambda step, c=cell: events.cell(c, step), seed=1234)
-            if not is_finite_result(rec.metrics):
-                rec.status, rec.error = "failed", f"perplexity is {rec.metrics.get('perplexity')}: the model collapsed"
-            events.cell(cell, "saving")
-            _save(model, loaded.tokenizer, rec, cfg)
-        except UserError as err:
-            rec.status, rec.error = "failed", str(err)
-        except Exception as err:  # one failing cell must not stop the others
-            rec.status, rec.error = "failed", f"{type(err).__name__}: {err}"
-            rec.details["traceback"] = traceback.format_exc(limit=8)
-        finally:
-            model = None  # the next cell starts from a fresh dense model
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        else:
+            _compute(cfg, cell, rec, state, instances.get(cell.method), solutions, model_key, events,
+                     dense_params, dense_linear)
         rec.finished = now()
-        path = write_record(cfg.results_dir, rec)
-        records.append(rec)
-        events.done(cell, rec, path, reused=False)
-    return records
+        try:
+            path = write_record(cfg.results_dir, rec)
+        except OSError as err:
+            raise UserError(f"could not write the record of {cell.method} at {cell.ratio} to {path.parent} "
+                            f"({err.strerror or err}); free space or fix permissions and run the same command "
+                            "again (finished cells are kept)") from None
+    finally:
+        state.claims.release(path)
+    state.computed += 1
+    events.done(cell, rec, path, reused=False)
+    return rec
+
+
+def _compute(cfg: RunConfig, cell: Cell, rec: Record, state: _State, inst: Method | None, solutions, model_key: str,
+             events: Events, dense_params: int, dense_linear: int) -> None:
+    """Compress (unless dense), evaluate and save one cell into ``rec``; a failure is recorded, never raised."""
+    if not state.used_loaded:
+        model, state.used_loaded = state.loaded.model, True
+    else:
+        model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.cache).model
+    try:
+        if inst is not None:
+            if cell.seed not in state.calibrations or cfg.no_cache:
+                events.cell(cell, "calibration data")
+                stats = None if cfg.no_cache else cache_dir(cfg.cache) / "stats"
+                state.calibrations[cell.seed] = _calibration(state.loaded.tokenizer, cfg.suite, cell.seed, stats,
+                                                             model_key)
+            calib = state.calibrations[cell.seed]
+            _compress(model, inst, calib, solutions[(cell.method, cell.ratio)], rec, cfg,
+                      lambda step, c=cell: events.cell(c, step))
+        cell_adapter = get_adapter(model)
+        rec.budget = vars(budget_report(dense_params, dense_linear, cell_adapter, cell.ratio, cfg.tolerance,
+                                        rec.solution.get("predicted_params")))
+        rec.metrics = evaluate(model, state.loaded.tokenizer, cell_adapter, cfg.suite,
+                               progress=lambda step, c=cell: events.cell(c, step), seed=1234)
+        if not is_finite_result(rec.metrics):
+            rec.status, rec.error = "failed", f"perplexity is {rec.metrics.get('perplexity')}: the model collapsed"
+        events.cell(cell, "saving")
+        _save(model, state.loaded.tokenizer, rec, cfg)
+    except UserError as err:
+        rec.status, rec.error = "failed", str(err)
+    except Exception as err:  # one failing cell must not stop the others
+        rec.status, rec.error = "failed", f"{type(err).__name__}: {err}"
+        rec.details["traceback"] = traceback.format_exc(limit=8)
+    finally:
+        del model  # the next cell starts from a fresh dense model
+        state.loaded.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    repairs = integrity.drain()
+    if repairs:
+        rec.details["cache_repairs"] = rec.details.get("cache_repairs", []) + repairs
 
 
 def _solve_all(cfg: RunConfig, instances: dict[str, Method], adapter) -> tuple[dict, dict]:
@@ -195,12 +265,10 @@ def _existing(cfg: RunConfig, rec: Record) -> Record | None:
     """A complete record of the same cell with the same key, unless --force."""
     if cfg.force or cfg.no_cache:
         return None
-    import json
-
     path = record_path(cfg.results_dir, rec)
     try:
-        old = Record.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):
+        old = read_record(path)
+    except (OSError, ValueError):
         return None
     return old if old.key == rec.key and old.status == "ok" else None
 
@@ -210,14 +278,6 @@ def _calibration(tokenizer, suite: Suite, seed: int, stats_dir: Path | None, mod
     return Calibration(tokens=tokens, seed=seed, batch_size=max(1, suite.eval_batch_size // 2),
                        source="packaged Wikipedia (exllamav2 wiki.utf8), calibration documents",
                        cache_dir=stats_dir, model_key=model_key)
-
-
-def _weights_stamp(path: str | None) -> list:
-    """Names, sizes and modification times of a model folder's weight files: changed weights, new key."""
-    if not path or not Path(path).is_dir():
-        return []
-    files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
-    return [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
 
 
 def _compress(model, inst: Method, calib: Calibration, solution: Solution, rec: Record, cfg: RunConfig,
@@ -241,7 +301,13 @@ def _compress(model, inst: Method, calib: Calibration, solution: Solution, rec: 
 
 
 def _save(model, tokenizer, rec: Record, cfg: RunConfig) -> None:
+    """Save the cell's checkpoint in a folder unique to its key (with --no-save: a private folder, measured and
+    removed, so it never replaces a checkpoint an earlier run kept)."""
     folder = cache_dir(cfg.cache) / "checkpoints" / record_path("", rec).with_suffix("")
+    if not cfg.save_checkpoints:
+        import os
+
+        folder = folder.with_name(f".{folder.name}.measure-{os.getpid()}")
     checkpoint.save(model, tokenizer, folder, extra={"record_key": rec.key, "method": rec.method,
                                                       "target_ratio": rec.target_ratio})
     rec.metrics["checkpoint_bytes"] = (folder / checkpoint.WEIGHTS).stat().st_size

@@ -45,6 +45,10 @@ def apply(model: nn.Module, adapter, op: str, **args):
     return result
 
 
+def registered_ops() -> list[str]:
+    return sorted(_OPS)
+
+
 def structure_log(model: nn.Module) -> list[dict]:
     return list(getattr(model, LOG_ATTR, []) or [])
 

@@ -35,6 +35,18 @@ def _csv(value, name: str, path: Path) -> str:
     raise UserError(f"{path}: `{name}` must be a string or a non-empty list, not {value!r}")
 
 
+#: `bench run` flags as the sweep file names them, for messages about a sweep
+FLAG_TO_KEY = {"--ratio": "ratios", "--methods": "methods", "--model": "models", **{v: k for k, v in OPTIONAL.items()},
+               "--set": "[knobs.*]"}
+
+
+def in_toml_terms(message: str) -> str:
+    """A `bench run` message with its flags replaced by the sweep file's keys (``--ratio`` -> ``ratios``)."""
+    for flag in sorted(FLAG_TO_KEY, key=len, reverse=True):
+        message = message.replace(f"{flag} ", f"`{FLAG_TO_KEY[flag]}` ").replace(f"{flag}=", f"`{FLAG_TO_KEY[flag]}`=")
+    return message
+
+
 def load(path: str | Path) -> list[list[str]]:
     """The `bench run` argument lists the sweep file at ``path`` stands for, one per model."""
     path = Path(path)
@@ -52,6 +64,8 @@ def load(path: str | Path) -> list[list[str]]:
     if missing:
         raise UserError(f"{path}: missing {', '.join(missing)} (a sweep needs models, methods and ratios)")
     models = spec["models"] if isinstance(spec["models"], list) else [spec["models"]]
+    if not models or not all(isinstance(m, str) and m.strip() for m in models):
+        raise UserError(f"{path}: `models` must name at least one model, e.g. models = [\"smollm2-135m\"]")
     common = ["--methods", _csv(spec["methods"], "methods", path), "--ratio", _csv(spec["ratios"], "ratios", path)]
     for key, flag in OPTIONAL.items():
         if key in spec:
