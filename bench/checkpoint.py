@@ -9,9 +9,11 @@ from __future__ import annotations
 import copy
 import errno
 import json
+import math
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -55,14 +57,14 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, extra: dict | Non
 def _swap_in(tmp: Path, path: Path, attempts: int = 16) -> None:
     """Put the finished folder ``tmp`` at ``path``, replacing whatever is there, safe against concurrent savers:
     an existing folder is renamed aside first (atomic), so two writers never delete each other's files."""
-    for attempt in range(attempts):
+    for _ in range(attempts):
         try:
             os.replace(tmp, path)  # succeeds when path is absent (or an empty folder)
             return
         except OSError as err:
             if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
-        aside = path.with_name(f".{path.name}.old-{os.getpid()}-{attempt}")
+        aside = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:12]}")
         try:
             os.rename(path, aside)
         except FileNotFoundError:
@@ -146,10 +148,17 @@ def _check_shapes(path: Path, config, ops: list[dict]) -> None:
     except Exception as err:  # noqa: BLE001 - any failure to rebuild is a damaged log
         raise UserError(f"{bad}: its structural edits do not apply to its own config ({type(err).__name__}: "
                         f"{str(err)[:120]})") from None
-    for name, tensor in skeleton.state_dict().items():
+    state = skeleton.state_dict(keep_vars=True)  # tied weights stay one object
+    for name, tensor in state.items():
         if name in header and list(header[name].get("shape", [])) != list(tensor.shape):
             raise UserError(f"{bad}: tensor {name} is {header[name].get('shape')} in {WEIGHTS} but "
                             f"{list(tensor.shape)} after replaying the edits")
+    unique = {id(t): t.numel() for t in state.values()}  # tied tensors are one object, stored once
+    needed = sum(unique.values())
+    stored = sum(math.prod(v.get("shape", [])) for v in header.values() if isinstance(v, dict))
+    if needed != stored:
+        raise UserError(f"{bad}: its edits describe {needed:,} parameters but {WEIGHTS} holds {stored:,}; "
+                        "re-create the checkpoint with `bench run --force`")
 
 
 def _is_nonpersistent(model: nn.Module, key: str) -> bool:
