@@ -145,20 +145,26 @@ def collect_grams(model: nn.Module, adapter, calib: Calibration, progress: Progr
     return grams
 
 
-def collect_block_cosines(model: nn.Module, adapter, calib: Calibration, progress: Progress = None) -> torch.Tensor:
+def collect_block_cosines(model: nn.Module, adapter, calib: Calibration, progress: Progress = None,
+                          segment: int | None = None) -> torch.Tensor:
     """Mean over tokens of cos(h_in, h_out) for every block, from hooks on the blocks themselves.
 
     Hooks (not ``output_hidden_states``) because Hugging Face applies the final norm to the last hidden state.
+    ``segment``: score each window as independent pieces of this many tokens (each its own forward, positions
+    from 0), as ShortGPT's official run does with 256; None or 0 (or a length >= the window) = whole windows.
+    The segment length is part of the statistic's name, so its memo and disk cache never mix the two.
     """
-    if "block_cosines" in calib.memo:
-        calib.log("block_cosines", "memory")
-        return calib.memo["block_cosines"]
+    whole = not segment or segment >= calib.seq_len
+    name = "block_cosines" if whole else f"block_cosines_seg{segment}"
+    if name in calib.memo:
+        calib.log(name, "memory")
+        return calib.memo[name]
     t0 = time.perf_counter()
-    path = calib.stats_path("block_cosines", adapter)
+    path = calib.stats_path(name, adapter)
     stored = _load(path, "cpu")
     if stored is not None:
-        calib.memo["block_cosines"] = stored["cosines"]
-        calib.log("block_cosines", f"disk {path}", time.perf_counter() - t0)
+        calib.memo[name] = stored["cosines"]
+        calib.log(name, f"disk {path}", time.perf_counter() - t0)
         return stored["cosines"]
     n = adapter.num_blocks
     sums = torch.zeros(n, dtype=torch.float64)
@@ -185,13 +191,26 @@ def collect_block_cosines(model: nn.Module, adapter, calib: Calibration, progres
     for i, block in enumerate(adapter.blocks()):
         handles.append(block.register_forward_pre_hook(pre(i), with_kwargs=True))
         handles.append(block.register_forward_hook(post(i), with_kwargs=True))
+    pieces = [calib] if whole else [Calibration(tokens=group, batch_size=calib.batch_size)
+                                    for group in _segments(calib.tokens, int(segment))]
     with hooks(handles):
-        forward_all(model, calib, progress)
+        for part in pieces:
+            forward_all(model, part, progress)
     result = sums / counts.clamp(min=1)
-    calib.memo["block_cosines"] = result
-    calib.log("block_cosines", "computed", time.perf_counter() - t0)
+    calib.memo[name] = result
+    calib.log(name, "computed", time.perf_counter() - t0)
     _store(path, {"cosines": result})
     return result
+
+
+def _segments(tokens: torch.Tensor, segment: int) -> list[torch.Tensor]:
+    """Windows [n, T] cut into consecutive pieces of ``segment`` tokens: [n * (T // segment), segment], plus the
+    [n, T % segment] tails when T is not a multiple (a stride loop's last, shorter piece)."""
+    full = tokens.shape[1] // segment * segment
+    groups = [tokens[:, :full].reshape(-1, segment)]
+    if full < tokens.shape[1]:
+        groups.append(tokens[:, full:])
+    return groups
 
 
 def _load(path: Path | None, device) -> dict | None:

@@ -297,6 +297,8 @@ def _compress(model, inst: Method, calib: Calibration, solution: Solution, rec: 
                 "statistics": list(calib.memo.get("log", []))}  # computed, or reused from memory or disk
     rec.calibration = calib.describe()
     rec.details.update(info.details)
+    # a ranking that needs the data (jointdrop's joint list) settles its counts in compress
+    rec.solution = {"knobs": solution.knobs, "predicted_params": solution.predicted_params, "notes": solution.notes}
     rec.details["structure_ops"] = len(structure.structure_log(model))
 
 

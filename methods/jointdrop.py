@@ -3,6 +3,14 @@
 A sub-layer maps the residual stream X to Y = X + Module(Norm(X)); its importance is 1 - mean cos(X, Y).
 Dropping replaces the sub-layer's norm(s) and module with parameter-free stand-ins, so the branch adds zero
 and its parameters are gone from the stored model.
+
+Ranking (``mode=joint``): by default, as the official LLM-Drop code runs Joint Layer Drop (``discrete_layer_dropping``
+with target ``all``), every attention and MLP sub-layer goes into ONE list sorted by importance and the least
+important units go first, whichever kind they are, until the budget (``ranking=joint``). The official code counts
+the budget in units; here a prefix of that list is taken whose removed parameters come closest to the whole-model
+target (ties -> fewer units), so how many of each kind go is known only once the data has ranked them: compress
+writes the final counts and parameter total into the solution. ``ranking=attn_first`` is slimbench's former rule:
+the counts are fixed from the budget with attention first, then MLP, and each kind drops its least important.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from bench.registry import CompressionInfo, Method, Solution, register
 from methods._layerdrop import block_budget, cosine_sum, lowest, solve_counts, sublayer_sizes, uniform
 
 MODES = ("joint", "attn", "mlp", "block")
+RANKINGS = ("joint", "attn_first")
 
 
 class DroppedAttention(nn.Module):
@@ -120,15 +129,18 @@ class JointDrop(Method):
     name = "jointdrop"
     title = "Layer drop / Joint Layer Drop (attention and MLP sub-layers)"
     paper = "arXiv 2406.15786"
-    summary = ("Drops the least important attention sub-layers first, then MLP sub-layers (importance "
-               "1 - cos(X, X + F(Norm X))); modes for attention-only, MLP-only or whole blocks.")
+    summary = ("Drops the least important attention and MLP sub-layers from one joint ranking (importance "
+               "1 - cos(X, X + F(Norm X)), official LLM-Drop); attention-first, attention-only, MLP-only or whole "
+               "blocks as knob values.")
     coarse = True
 
     @dataclass
     class Knobs:
-        #: joint: attention first, then MLP; attn / mlp: one kind only; block: whole blocks by 1 - cos
+        #: joint: attention and MLP sub-layers; attn / mlp: one kind only; block: whole blocks by 1 - cos
         mode: str = "joint"
-        #: attention sub-layers never dropped (the joint solver moves on to MLPs after all but these)
+        #: joint mode: "joint" = one list of both kinds by importance (official); "attn_first" = attention, then MLP
+        ranking: str = "joint"
+        #: attention sub-layers never dropped (the attention-first solver moves on to MLPs after all but these)
         keep_attn: int = 1
         #: MLP sub-layers never dropped
         keep_mlp: int = 1
@@ -137,13 +149,20 @@ class JointDrop(Method):
         k = self.knobs
         if k.mode not in MODES:
             raise UserError(f"jointdrop.mode={k.mode!r} is not one of {', '.join(MODES)}")
+        if k.ranking not in RANKINGS:
+            raise UserError(f"jointdrop.ranking={k.ranking!r} is not one of {', '.join(RANKINGS)}")
         if not (0 <= k.keep_attn <= adapter.num_blocks and 0 <= k.keep_mlp <= adapter.num_blocks):
             raise UserError(f"jointdrop.keep_attn / keep_mlp must be between 0 and {adapter.num_blocks}")
 
+    def _joint(self) -> bool:
+        return self.knobs.mode == "joint" and self.knobs.ranking == "joint"
+
     def solve(self, adapter, ratio: float) -> Solution:
-        """Counts from the budget; the attention / MLP split follows the attention-first rule, so it is fixed too."""
+        """Counts from the budget (attention-first: the split too); the joint ranking only checks the budget here."""
         self._check(adapter)
         k, n = self.knobs, adapter.num_blocks
+        if self._joint():
+            return joint_solution(adapter, ratio, k.keep_attn, k.keep_mlp)
         if k.mode == "block":
             count = block_budget(adapter, ratio)
         else:
@@ -167,9 +186,62 @@ class JointDrop(Method):
             return CompressionInfo(details={"block_importance": importance, "removed_blocks": removed})
         importance = sublayer_importance(model, adapter, calibration)
         details: dict = {f"{w}_importance": importance[w] for w in importance}
+        if self._joint():
+            order = joint_prefix(adapter, importance, solution, self.knobs.keep_attn, self.knobs.keep_mlp)
+            details["drop_order"] = [f"{w}{b}" for w, b in order]
+            chosen = {w: sorted(b for v, b in order if v == w) for w in ("attn", "mlp")}
+        else:
+            chosen = {w: lowest(importance[w], int(counts.get(w, 0))) for w in ("attn", "mlp")}
         for which in ("attn", "mlp"):
-            dropped = lowest(importance[which], int(counts.get(which, 0)))
-            for b in dropped:
+            for b in chosen[which]:
                 structure.apply(model, adapter, "drop_sublayer", block=b, which=which)
-            details[f"dropped_{which}"] = dropped
+            details[f"dropped_{which}"] = chosen[which]
+        details["ranking"] = self.knobs.ranking if self.knobs.mode == "joint" else self.knobs.mode
         return CompressionInfo(details=details)
+
+
+def joint_solution(adapter, ratio: float, keep_attn: int, keep_mlp: int) -> Solution:
+    """The budget in parameters; refuses a target beyond dropping every sub-layer the keep knobs allow."""
+    dense, n = count_params(adapter.model), adapter.num_blocks
+    a = uniform(sublayer_sizes(adapter, "attn"), "attention sub-layers")
+    m = uniform(sublayer_sizes(adapter, "mlp"), "MLP sub-layers")
+    most = (n - keep_attn) * a + (n - keep_mlp) * m
+    if ratio * dense > most + 1e-9 * dense:
+        raise UserError(f"ratio {ratio} is beyond what this method can remove: dropping all but {keep_attn} attention "
+                        f"and {keep_mlp} MLP sub-layers gives {most / dense:.4f}; ask for a smaller ratio")
+    target = round(ratio * dense)
+    return Solution(knobs={"ranking": "joint", "target_removed": target}, predicted_params=dense - target,
+                    notes=(f"joint ranking: the prefix of the importance-sorted list of attention ({a} parameters "
+                           f"each) and MLP ({m}) sub-layers closest to removing {target} parameters; how many of each "
+                           "kind is decided by calibration data and written here by compress"))
+
+
+def joint_prefix(adapter, importance: dict[str, list[float]], solution: Solution, keep_attn: int,
+                 keep_mlp: int) -> list[tuple[str, int]]:
+    """The units to drop, in drop order: the joint list's prefix closest to the budget; sets ``solution``'s counts.
+
+    The list is sorted by importance (ties: attention before MLP, lower block first, as a stable sort of the
+    official concatenated [attention..., MLP...] list gives); a unit past its kind's keep limit is skipped.
+    """
+    n = adapter.num_blocks
+    size = {"attn": sublayer_sizes(adapter, "attn")[0], "mlp": sublayer_sizes(adapter, "mlp")[0]}
+    room = {"attn": n - keep_attn, "mlp": n - keep_mlp}
+    ranked = sorted(((importance[w][b], i, w, b) for i, w in enumerate(("attn", "mlp")) for b in range(n)))
+    order: list[tuple[str, int]] = []
+    for _imp, _i, w, b in ranked:
+        if room[w] > 0:
+            room[w] -= 1
+            order.append((w, b))
+    removed = [0]
+    for w, _b in order:
+        removed.append(removed[-1] + size[w])
+    target = int(solution.knobs["target_removed"])
+    k = min(range(len(removed)), key=lambda i: (abs(removed[i] - target), i))
+    dense = count_params(adapter.model)  # compress starts from the dense model
+    counts = {w: sum(1 for v, _ in order[:k] if v == w) for w in ("attn", "mlp")}
+    # new objects, not edits: the runner shares one solution between the seeds of a cell
+    solution.knobs = {"ranking": "joint", "target_removed": target, **counts}
+    solution.predicted_params = dense - removed[k]
+    solution.notes = solution.notes.split("; removes")[0] + (f"; removes {counts['attn']} attn, {counts['mlp']} mlp: achieved ratio {removed[k] / dense:.4f} "
+                       f"vs target {target / dense:.4f}")
+    return order[:k]

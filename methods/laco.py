@@ -1,22 +1,30 @@
-"""LaCo, Layer Collapse: merge runs of consecutive blocks into one by adding their differences (arXiv 2402.11187).
+"""LaCo, Layer Collapse: merge runs of consecutive blocks into one (arXiv 2402.11187).
 
-RDSC merge of base block l with the next m blocks, for every weight and bias of the attention and MLP
-linears: theta_l* = theta_l + sum_{k=1..m} (theta_{l+k} - theta_l). Norms (block norms and any QK-norm inside
-attention) stay the base's. The absorbed blocks are removed.
+Merge of base block l with the next m blocks, for every weight and bias of the attention and MLP linears:
+- ``merge=official`` (default): the official notebook's in-place update ``base += theta_{l+k} - base`` for
+  k = 1..m leaves the base holding the LAST absorbed block's linears; it is what the published code measures.
+- ``merge=paper``: the paper's RDSC formula theta_l* = theta_l + sum_{k=1..m} (theta_{l+k} - theta_l).
+Norms (block norms and any QK-norm inside attention) stay the base's. The absorbed blocks are removed.
 
-A merge stands when the mean cosine over calibration tokens between the dense and the merged model's final
-hidden states is >= T. "Final hidden state" is the final norm's output: the representation the LM head reads
-(so the test watches what the predictions are made from) and what Hugging Face returns as the last hidden state.
+A merge stands when the similarity between the dense and the merged model's final hidden states is > T. "Final
+hidden state" is the final norm's output (what Hugging Face returns as the last hidden state and the LM head
+reads). ``similarity=sentence`` (official): one cosine per calibration window between the flattened
+[tokens x hidden] states, averaged over windows; ``similarity=token``: the mean over tokens of per-token cosines.
 
-Budget: the solver fixes n blocks to remove. A merge that would overshoot n absorbs fewer blocks, so exactly n
-go. The paper makes one top-down pass. If that pass stops short of n, the threshold is lowered by at least
-``relax_step`` and the search goes again. When a pass accepts nothing, T drops to its best rejected similarity,
-because the unchanged model would give the same similarities again. Every pass and every merge's T is
-recorded. With ``relax_step=0`` the search stops after one pass, and the record shows the shortfall.
+Search as in the notebook: the first base is H - C (H the highest block index), a trial absorbs the next C - 1
+blocks (fewer at the top), an accepted merge moves the base down I, a rejected one by 1, down to ``lowest_layer``.
+Budget: the solver fixes n blocks to remove and the search stops once n are gone; a merge that would overshoot
+absorbs fewer blocks, so exactly n go. The notebook makes one pass and takes what it gets. Here, if a pass stops
+short of n, the threshold is lowered by at least ``relax_step`` and the search goes again; when a pass accepts
+nothing, T drops just below its best rejected similarity, because the unchanged model would give the same
+similarities again. So each pass either removes a block or guarantees the next one does: at most 2 n + 1 passes.
+Every trial (accepted or not) with its similarity and T is recorded. With ``relax_step=0`` the search stops after
+one pass, and the record shows the shortfall.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,11 +37,15 @@ from bench.errors import UserError
 from bench.registry import CompressionInfo, Method, Solution, register
 from methods._layerdrop import block_budget, cosine_sum, skipping
 
+MERGES = ("official", "paper")
+SIMILARITIES = ("sentence", "token")
 
-def merge_tensors(adapter, base: int, merged: list[int]) -> dict[str, torch.Tensor]:
-    """RDSC values for every linear weight / bias of block ``base``'s attention and MLP, keyed by path in the block.
 
-    Summed in float64, then cast back to the parameter's dtype.
+def merge_tensors(adapter, base: int, merged: list[int], how: str = "paper") -> dict[str, torch.Tensor]:
+    """Merged values for every linear weight / bias of block ``base``'s attention and MLP, keyed by path in the block.
+
+    ``how="paper"``: RDSC, summed in float64, then cast back to the parameter's dtype. ``how="official"``: the
+    notebook's in-place update, whose result is the last absorbed block's tensor exactly.
     """
     blocks = adapter.blocks()
     out = {}
@@ -43,6 +55,9 @@ def merge_tensors(adapter, base: int, merged: list[int]) -> dict[str, torch.Tens
                 continue
             for pname, p in module.named_parameters(recurse=False):
                 key = f"{mod_path}.{pname}"
+                if how == "official":
+                    out[key] = blocks[merged[-1]].get_parameter(key).detach().clone()
+                    continue
                 theta = p.detach().double()
                 total = theta.clone()
                 for k in merged:
@@ -109,13 +124,21 @@ def mean_cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return total / count
 
 
+def sentence_cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Mean over windows of cos(flattened a, flattened b), each window's [tokens x hidden] states one vector."""
+    cos = [torch.nn.functional.cosine_similarity(x.double().flatten(1), y.double().flatten(1), dim=-1)
+           for x, y in zip(a, b, strict=True)]
+    return float(torch.cat(cos).mean())
+
+
 @register
 class LaCo(Method):
     name = "laco"
     title = "LaCo (layer collapse by RDSC merging)"
     paper = "arXiv 2402.11187"
-    summary = ("Merges runs of consecutive blocks into one (base + sum of differences), top-down, keeping a "
-               "merge only while the final hidden states stay close to the dense model's.")
+    summary = ("Merges runs of consecutive blocks into one (official code: the base takes the last absorbed "
+               "block's linears; paper: base + sum of differences), top-down, keeping a merge only while the final "
+               "hidden states stay close to the dense model's.")
     coarse = True
 
     @dataclass
@@ -124,10 +147,14 @@ class LaCo(Method):
         span: int = 4
         #: I: how far down the base moves after an accepted merge
         interval: int = 2
-        #: T: least mean cosine between dense and merged final hidden states for a merge to stand
+        #: T: a merge stands when the similarity of dense and merged final hidden states is above this
         threshold: float = 0.65
-        #: L: lowest block index that may be a base (blocks below it are never touched)
-        lowest_layer: int = 1
+        #: L: lowest block index that may be a base (blocks below it are never touched; the notebook's is 0)
+        lowest_layer: int = 0
+        #: official: the base ends holding the last absorbed block's linears (published code); paper: RDSC sum
+        merge: str = "official"
+        #: sentence: cos of flattened [tokens x hidden] per window, averaged (official); token: per-token mean
+        similarity: str = "sentence"
         #: when a top-down pass ends short of the budget, lower T by at least this and search again; 0 = stop short
         relax_step: float = 0.05
         #: calibration windows used for the similarity (the paper uses a few sentences); 0 = all
@@ -139,8 +166,14 @@ class LaCo(Method):
             raise UserError("laco.span must be >= 2 (base + at least one block) and laco.interval >= 1")
         if not 0 <= k.lowest_layer < adapter.num_blocks - 1:
             raise UserError(f"laco.lowest_layer must be between 0 and {adapter.num_blocks - 2}")
-        if k.relax_step < 0:
-            raise UserError("laco.relax_step must be >= 0")
+        if not math.isfinite(k.threshold):
+            raise UserError(f"laco.threshold={k.threshold} must be a finite number (a cosine, e.g. 0.65)")
+        if not (math.isfinite(k.relax_step) and k.relax_step >= 0):
+            raise UserError(f"laco.relax_step={k.relax_step} must be a finite number >= 0 (e.g. 0.05)")
+        if k.merge not in MERGES:
+            raise UserError(f"laco.merge={k.merge!r}: choose one of {', '.join(MERGES)}")
+        if k.similarity not in SIMILARITIES:
+            raise UserError(f"laco.similarity={k.similarity!r}: choose one of {', '.join(SIMILARITIES)}")
 
     def solve(self, adapter, ratio: float) -> Solution:
         """n blocks to remove, closest to ``ratio``; at most all blocks above ``lowest_layer`` can be absorbed."""
@@ -156,18 +189,23 @@ class LaCo(Method):
         k = self.knobs
         target = int(solution.knobs["blocks"])
         windows = calibration.tokens[: k.windows] if k.windows > 0 else calibration.tokens
-        search = Search(model, adapter, windows, calibration.batch_size)
+        search = Search(model, adapter, windows, calibration.batch_size, k.merge, k.similarity)
         threshold, passes = k.threshold, []
-        while search.removed < target:
+        for _ in range(2 * target + 1):  # each pass removes a block, or lowers T so that the next one does
+            if search.removed >= target:
+                break
             accepted, best_rejected = search.run_pass(k, threshold, target)
             passes.append({"threshold": threshold, "accepted": accepted})
-            if search.removed >= target or k.relax_step == 0 or (accepted == 0 and best_rejected < -1.0):
+            if search.removed >= target or k.relax_step == 0 or (accepted == 0 and not best_rejected >= -1.0):
                 break
             threshold -= k.relax_step
-            if accepted == 0:  # the unchanged model repeats its similarities: go down to the best rejected one
-                threshold = min(threshold, best_rejected)
-        details = {"merges": search.merges, "passes": passes, "removed": search.removed, "target_removed": target,
-                   "similarity": "mean cos of the final norm's output (LM-head input), dense vs merged",
+            if accepted == 0:  # the unchanged model repeats its similarities: go just below the best rejected one
+                threshold = min(threshold, math.nextafter(best_rejected, -math.inf))
+        what = {"sentence": "one cos per window of the flattened [tokens x hidden] states, averaged over windows",
+                "token": "mean over tokens of the per-token cos"}[k.similarity]
+        details = {"merges": search.merges, "trials": search.trials, "passes": passes, "removed": search.removed,
+                   "target_removed": target, "merge": k.merge, "similarity": k.similarity,
+                   "similarity_definition": f"{what}; final norm's output (LM-head input), dense vs merged",
                    "calibration_windows": int(windows.shape[0])}
         if search.removed < target:
             details["shortfall"] = target - search.removed
@@ -177,22 +215,24 @@ class LaCo(Method):
 class Search:
     """The model being collapsed, the dense model's final states to compare with, and the merges so far."""
 
-    def __init__(self, model: nn.Module, adapter, windows: torch.Tensor, batch_size: int):
+    def __init__(self, model: nn.Module, adapter, windows: torch.Tensor, batch_size: int, merge: str = "official",
+                 similarity: str = "sentence"):
         self.model, self.adapter, self.windows, self.batch_size = model, adapter, windows, batch_size
+        self.how, self.score = merge, sentence_cosine if similarity == "sentence" else mean_cosine
         self.dense = final_states(model, adapter, windows, batch_size)
         self.origin = list(range(adapter.num_blocks))  # dense index of every current block
         self.merges: list[dict] = []
+        self.trials: list[dict] = []
         self.removed = 0
         self.inputs: list[list[torch.Tensor]] = []
 
-
     def run_pass(self, k: LaCo.Knobs, threshold: float, target: int) -> tuple[int, float]:
-        """One top-down pass (paper Algorithm 1); returns merges accepted and the best rejected similarity."""
+        """One top-down pass (paper Algorithm 1, notebook order); returns merges accepted and the best rejected similarity."""
         accepted, best_rejected = 0, -2.0
         # blocks below the base never change during a pass (merges only touch the base and above, and the base
         # only moves down), so their outputs are taken once per pass and each trial runs from the base up
         self.inputs = block_inputs(self.model, self.adapter, self.windows, self.batch_size)
-        base = max(self.adapter.num_blocks - k.span, k.lowest_layer)
+        base = max(self.adapter.num_blocks - 1 - k.span, k.lowest_layer)  # the notebook's HIGHEST_LAY - MERGE_LAYERS
         while base >= k.lowest_layer and self.removed < target:
             # fewer than span - 1 when fewer blocks remain above the base or the budget would be overshot
             m = min(k.span - 1, self.adapter.num_blocks - 1 - base, target - self.removed)
@@ -200,32 +240,35 @@ class Search:
                 break
             absorbed = list(range(base + 1, base + 1 + m))
             sim = self.similarity(base, absorbed)
-            if sim >= threshold:
+            self.trials.append({"base": base, "absorbed": absorbed, "dense_base": self.origin[base],
+                                "dense_absorbed": [self.origin[i] for i in absorbed], "similarity": sim,
+                                "threshold": threshold, "accepted": sim > threshold})
+            if sim > threshold:
                 self.merge(base, absorbed, sim, threshold)
                 accepted += 1
                 base -= k.interval
             else:
-                best_rejected = max(best_rejected, sim)
+                best_rejected = max(best_rejected, sim) if math.isfinite(sim) else best_rejected
                 base -= 1
         return accepted, best_rejected
 
     def similarity(self, base: int, absorbed: list[int]) -> float:
         """Mean cos of final states, dense vs the model with ``absorbed`` merged into ``base``; leaves the model as is."""
         block = self.adapter.block(base)
-        merged = merge_tensors(self.adapter, base, absorbed)
+        merged = merge_tensors(self.adapter, base, absorbed, self.how)
         saved = {key: block.get_parameter(key).detach().clone() for key in merged}
         write_params(block, merged)
         try:
             with skipping(self.adapter, absorbed):
                 merged_states = final_states(self.model, self.adapter, self.windows, self.batch_size,
                                              resume=(base, self.inputs[base]))
-            return mean_cosine(self.dense, merged_states)
+            return self.score(self.dense, merged_states)
         finally:
             write_params(block, saved)
 
     def merge(self, base: int, absorbed: list[int], sim: float, threshold: float) -> None:
-        """Write the RDSC weights into ``base`` and remove ``absorbed`` through the structure log."""
-        write_params(self.adapter.block(base), merge_tensors(self.adapter, base, absorbed))
+        """Write the merged weights into ``base`` and remove ``absorbed`` through the structure log."""
+        write_params(self.adapter.block(base), merge_tensors(self.adapter, base, absorbed, self.how))
         structure.apply(self.model, self.adapter, "remove_blocks", indices=absorbed)
         self.merges.append({"base": base, "absorbed": absorbed, "dense_base": self.origin[base],
                             "dense_absorbed": self.origin[base + 1 : base + 1 + len(absorbed)],

@@ -12,7 +12,12 @@
    stays tied by default: the final norm becomes n(x) M with M = Q_L'^T diag(g) Q_0', so the head is the
    rotated, sliced embedding itself (exact at zero slicing; it reads the embedding projected on Q_0's top
    directions). ``untie=True`` gives the head its own V x D weight instead, as the paper's models have.
-4. ``rotation="global"`` uses one Q for the whole stream (PCA of the signal at all 2L + 1 boundaries of the
+4. ``variant="official"`` reproduces the official TransformerCompression configuration: the head is untied (its own
+   V x D copy, as ``untie=True``) and each embedding row's mean is subtracted during fusion (the block-0 signal the
+   first PCA sees is centred the same way). For an RMSNorm model that centring is not an invariance: it changes the
+   function slightly. The default ``variant="slimbench"`` keeps the tied head through the d x d map and the
+   embedding as is: slimbench's variant, much cheaper at a matched budget on a small model.
+5. ``rotation="global"`` uses one Q for the whole stream (PCA of the signal at all 2L + 1 boundaries of the
    dense model): no shortcut matrices, so far less slicing for the same budget, but one basis for every layer.
    ``pca_signal="normed"`` scales each token to unit RMS before the PCA (what the norms pass on), so tokens with
    huge residual norms do not decide the basis alone.
@@ -39,6 +44,7 @@ from methods._slicing import Plan, check_supported, kept_width, predict_params
 
 ROTATIONS = ("block", "global")
 SIGNALS = ("raw", "normed")
+VARIANTS = ("slimbench", "official")
 
 
 class _Stop(Exception):
@@ -203,12 +209,19 @@ class SliceGPT(Method):
         untie: bool = False  # give a tied LM head its own weight (the paper's form) instead of a d x d map
         rotation: str = "block"  # "block": one rotation per boundary + shortcuts (paper); "global": one for all
         pca_signal: str = "raw"  # "raw": PCA of the residual stream (paper); "normed": of each token at unit RMS
+        #: "slimbench": tied head kept via a d x d map; "official": untied head + embedding rows centred (official code)
+        variant: str = "slimbench"
 
     # -- planning ------------------------------------------------------------------------------------
     def _check(self, adapter) -> None:
         k = self.knobs
         if k.rotation not in ROTATIONS:
             raise UserError(f"slicegpt.rotation={k.rotation!r}: choose one of {', '.join(ROTATIONS)}")
+        if k.variant not in VARIANTS:
+            raise UserError(f"slicegpt.variant={k.variant!r}: choose one of {', '.join(VARIANTS)}")
+        if k.variant == "official" and (k.rotation != "block" or k.pca_signal != "raw"):
+            raise UserError("slicegpt.variant=official uses the official per-block rotations of the raw stream: "
+                            "drop slicegpt.rotation / slicegpt.pca_signal")
         if k.pca_signal not in SIGNALS:
             raise UserError(f"slicegpt.pca_signal={k.pca_signal!r}: choose one of {', '.join(SIGNALS)}")
         if k.round_to < 1 or k.damping < 0:
@@ -217,13 +230,17 @@ class SliceGPT(Method):
             raise UserError(f"slicegpt.slicing={k.slicing} must lie in [0, 1)")
         check_supported(adapter)
 
+    @property
+    def _untie(self) -> bool:
+        return self.knobs.untie or self.knobs.variant == "official"
+
     def plan(self, adapter, width: int) -> Plan:
         """The widths and bookkeeping for kept width ``width``."""
         dense = adapter.embeddings().weight.shape[1]
         tied = adapter.tied_embeddings()
         return Plan(dense=dense, width=width, head_width=width if self.knobs.slice_head else dense,
-                    shortcuts=self.knobs.rotation == "block", tied_map=tied and not self.knobs.untie,
-                    untie=tied and self.knobs.untie)
+                    shortcuts=self.knobs.rotation == "block", tied_map=tied and not self._untie,
+                    untie=tied and self._untie)
 
     def solve(self, adapter, ratio: float) -> Solution:
         """Kept width d whose counted whole model is closest to ``ratio`` (ties -> less slicing)."""
@@ -269,13 +286,18 @@ class SliceGPT(Method):
         else:
             q_global = None
             xs, kwargs = capture_inputs(model, adapter, calibration)
+            if self.knobs.variant == "official":  # the block-0 signal is the (scaled) embedding row: centre it too
+                xs = [x - x.mean(-1, keepdim=True) for x in xs]
             q0, vals = self._pca(xs)
         kept = [kept_share(vals, plan.width)]
 
         structure.apply(model, adapter, "slicegpt_ends", embed_width=plan.width, head_width=plan.head_width,
                         head_map=plan.tied_map, untie=plan.untie)
         q0s = q0[:, : plan.width]
-        adapter.embeddings().weight.copy_(emb_dense.double() @ q0s)
+        emb = emb_dense.double()
+        if self.knobs.variant == "official":  # official fusion: each embedding row's mean subtracted
+            emb = emb - emb.mean(-1, keepdim=True)
+        adapter.embeddings().weight.copy_(emb @ q0s)
         xs = [(x.float() @ q0s.float()).to(x.dtype) for x in xs]
 
         q_in = q0
@@ -316,7 +338,8 @@ class SliceGPT(Method):
         details = {"slicing": 1 - plan.width / plan.dense, "kept_width": plan.width, "dense_width": plan.dense,
                    "head_width": plan.head_width, "rotation": self.knobs.rotation,
                    "head": "tied+map" if plan.tied_map else ("untied" if plan.untie else "own"),
-                   "kept_energy": kept, "damping": self.knobs.damping}
+                   "kept_energy": kept, "damping": self.knobs.damping, "variant": self.knobs.variant,
+                   "embedding_centred": self.knobs.variant == "official"}
         return CompressionInfo(details=details)
 
     def _pca(self, signals: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,12 +45,12 @@ def _importance_by_hand(model) -> dict[str, list[float]]:
     return {w: [1 - s / count for s in v] for w, v in sums.items()}
 
 
-def test_joint_solver_drops_attention_first_then_mlps(family):
+def test_attention_first_solver_drops_attention_first_then_mlps(family):
     model = make_tiny(family)
     adapter = get_adapter(model)
     dense, h = count_params(model), adapter.num_blocks
     a, m = _size(model, 0, "attn"), _size(model, 0, "mlp")
-    method = JointDrop()
+    method = JointDrop(ranking="attn_first")
     sol = method.solve(adapter, 1.4 * a / dense)
     assert sol.knobs == {"attn": 1, "mlp": 0} and sol.predicted_params == dense - a
     sol = method.solve(adapter, ((h - 1) * a + 2 * m) / dense)
@@ -63,6 +63,8 @@ def test_joint_solver_drops_attention_first_then_mlps(family):
         JointDrop(mode="attn").solve(adapter, h * a / dense)
     with pytest.raises(UserError, match="mode"):
         JointDrop(mode="heads").solve(adapter, 0.1)
+    with pytest.raises(UserError, match="ranking"):
+        JointDrop(ranking="mlp_first").solve(adapter, 0.1)
 
 
 def test_drops_the_least_important_sublayers_for_real(family):
@@ -72,7 +74,7 @@ def test_drops_the_least_important_sublayers_for_real(family):
     dense = count_params(model)
     a, m = _size(model, 0, "attn"), _size(model, 0, "mlp")
     h = adapter.num_blocks
-    method = JointDrop()
+    method = JointDrop(ranking="attn_first")
     sol = method.solve(adapter, ((h - 1) * a + m) / dense)
     assert sol.knobs == {"attn": h - 1, "mlp": 1}
     calls = {}
@@ -82,6 +84,7 @@ def test_drops_the_least_important_sublayers_for_real(family):
                 get_module(block, path).register_forward_hook(
                     lambda *_, k=(i, which, path): calls.__setitem__(k, calls.get(k, 0) + 1))
     info = method.compress(model, adapter, tiny_calibration(), sol)
+    assert info.details["ranking"] == "attn_first"
 
     imp = _importance_by_hand(dense_model)
     for which in ("attn", "mlp"):
@@ -155,3 +158,70 @@ def test_single_kind_modes(family, mode):
         assert len(info.details[f"dropped_{mode}"]) == 2
         other = "mlp" if mode == "attn" else "attn"
         assert info.details[f"dropped_{other}"] == []
+
+
+# constructed importances (1 - cos) for 4 blocks; the joint list, most similar first:
+# attn3 0.01, mlp0 0.02 (ties with attn1: attention first), attn1 0.02, mlp2 0.03, attn2 0.20, attn0 0.30, mlp1, mlp3
+CONSTRUCTED = {"attn": [0.30, 0.02, 0.20, 0.01], "mlp": [0.02, 0.40, 0.03, 0.50]}
+JOINT_ORDER = [("attn", 3), ("attn", 1), ("mlp", 0), ("mlp", 2), ("attn", 2), ("attn", 0), ("mlp", 1), ("mlp", 3)]
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 6])
+def test_joint_ranking_drops_the_top_of_one_list_until_the_budget(family, k):
+    model = make_tiny(family)
+    adapter = get_adapter(model)
+    dense = count_params(model)
+    size = {"attn": _size(model, 0, "attn"), "mlp": _size(model, 0, "mlp")}
+    top = JOINT_ORDER[:k]
+    removed = sum(size[w] for w, _ in top)
+    calib = tiny_calibration()
+    calib.memo["sublayer_importance"] = CONSTRUCTED
+    method = JointDrop(keep_attn=0, keep_mlp=0)  # the official code keeps nothing back
+    sol = method.solve(adapter, removed / dense)
+    assert sol.knobs == {"ranking": "joint", "target_removed": removed}
+    info = method.compress(model, adapter, calib, sol)
+    assert info.details["drop_order"] == [f"{w}{b}" for w, b in top]
+    for which in ("attn", "mlp"):
+        assert info.details[f"dropped_{which}"] == sorted(b for w, b in top if w == which)
+    assert info.details["ranking"] == "joint"
+    assert sol.knobs == {"ranking": "joint", "target_removed": removed,
+                         "attn": sum(w == "attn" for w, _ in top), "mlp": sum(w == "mlp" for w, _ in top)}
+    assert count_params(model) == sol.predicted_params == dense - removed
+
+
+def test_joint_ranking_takes_the_closest_prefix_and_respects_keep(family):
+    model = make_tiny(family)
+    adapter = get_adapter(model)
+    dense = count_params(model)
+    a, m = _size(model, 0, "attn"), _size(model, 0, "mlp")
+    calib = tiny_calibration()
+    calib.memo["sublayer_importance"] = CONSTRUCTED
+    # 2a + 0.4m is closer to 2a (attn3, attn1) than to 2a + m (then mlp0)
+    sol = JointDrop().solve(adapter, (2 * a + 0.4 * m) / dense)
+    info = JointDrop().compress(model, adapter, calib, sol)
+    assert info.details["drop_order"] == ["attn3", "attn1"] and count_params(model) == sol.predicted_params
+
+    model = make_tiny(family)
+    adapter = get_adapter(model)
+    method = JointDrop(keep_attn=3)  # only one attention may go: attn1, attn2 and attn0 are skipped
+    with pytest.raises(UserError, match="beyond"):
+        method.solve(adapter, (a + 3 * m) / dense + 0.01)
+    sol = method.solve(adapter, (a + 3 * m) / dense)
+    info = method.compress(model, adapter, calib, sol)
+    assert info.details["drop_order"] == ["attn3", "mlp0", "mlp2", "mlp1"]
+
+
+def test_joint_ranking_on_real_importances_drops_the_silent_sublayers(family):
+    model = make_tiny(family)
+    adapter = get_adapter(model)
+    with torch.no_grad():  # a branch whose output linear is zero adds nothing: cos = 1, importance 0
+        adapter.linear(2, "o").weight.zero_()
+        adapter.linear(0, "down").weight.zero_()
+        adapter.linear(3, "down").weight.zero_()
+        for b, kind in [(2, "o"), (0, "down"), (3, "down")]:
+            if adapter.linear(b, kind).bias is not None:
+                adapter.linear(b, kind).bias.zero_()
+    a, m = _size(model, 0, "attn"), _size(model, 0, "mlp")
+    method = JointDrop()
+    info = method.compress(model, adapter, tiny_calibration(), method.solve(adapter, (a + 2 * m) / count_params(model)))
+    assert info.details["dropped_attn"] == [2] and info.details["dropped_mlp"] == [0, 3]

@@ -39,14 +39,14 @@ def test_solver_refuses_more_than_all_but_one_block(family):
         ShortGPT().solve(adapter, most + 0.01)
 
 
-def _cosines_by_hand(model) -> list[float]:
-    """Mean cos(h_in, h_out) per block from output_hidden_states, with the final norm taken out of a copy."""
+def _cosines_by_hand(model, pieces: list[torch.Tensor] | None = None) -> list[float]:
+    """Mean cos(h_in, h_out) per block from output_hidden_states, with the final norm taken out of a copy;
+    each of ``pieces`` (default: the calibration windows) run as its own sequence."""
     ref = copy.deepcopy(model)
     set_module(ref, get_adapter(ref).final_norm_path, torch.nn.Identity())
-    calib = tiny_calibration()
     sums, count = None, 0
     with torch.no_grad():
-        for batch in calib.batches("cpu"):
+        for batch in pieces if pieces is not None else tiny_calibration().batches("cpu"):
             hs = ref(input_ids=batch, output_hidden_states=True, use_cache=False).hidden_states
             cos = torch.stack([torch.cosine_similarity(hs[i], hs[i + 1], dim=-1).sum() for i in range(len(hs) - 1)])
             sums = cos if sums is None else sums + cos
@@ -59,7 +59,7 @@ def test_removes_the_lowest_influence_blocks_and_matches_skipping_them(family):
     dense_model = copy.deepcopy(model)
     adapter = get_adapter(model)
     dense = count_params(model)
-    method = ShortGPT()
+    method = ShortGPT()  # the tiny windows (32 tokens) are shorter than the 256-token segments: whole windows
     sol = method.solve(adapter, 2.4 * _block_size(model) / dense)  # closest count: 2 blocks
     assert sol.knobs == {"blocks": 2}
     info = method.compress(model, adapter, tiny_calibration(), sol)
@@ -81,3 +81,37 @@ def test_removes_the_lowest_influence_blocks_and_matches_skipping_them(family):
         torch.testing.assert_close(model(ids).logits, dense_model(ids).logits, rtol=0, atol=1e-5)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
     assert out.shape == (2, 21)
+
+
+@pytest.mark.parametrize("segment", [8, 12])
+def test_segments_score_each_piece_as_its_own_sequence(family, segment):
+    model = make_tiny(family)
+    calib = tiny_calibration()  # 8 windows x 32 tokens
+    tokens = calib.tokens
+    pieces = [tokens[i : i + 1, s : s + segment] for i in range(tokens.shape[0]) for s in range(0, 32, segment)]
+    expected = [1 - c for c in _cosines_by_hand(model, pieces)]  # 12: pieces of 12, 12 and the 8-token tail
+    whole = [1 - c for c in _cosines_by_hand(model)]
+    info = ShortGPT(segment=segment).compress(model, get_adapter(model), calib, ShortGPT().solve(get_adapter(model), 0.0))
+    assert info.details["block_influence"] == pytest.approx(expected, abs=1e-5)
+    assert info.details["block_influence"] != pytest.approx(whole, abs=1e-5)  # causal attention sees less context
+    assert info.details["segment"] == segment and info.details["scored_on"] == f"pieces of {segment} tokens"
+    assert {e["statistic"] for e in calib.memo["log"]} == {f"block_cosines_seg{segment}"}
+
+
+def test_segment_length_is_part_of_the_statistic_key(tmp_path):
+    model = make_tiny("llama")
+    adapter = get_adapter(model)
+    calib = tiny_calibration()
+    calib.cache_dir, calib.model_key = tmp_path, "tiny"
+    paths = {calib.stats_path(n, adapter) for n in ("block_cosines", "block_cosines_seg8", "block_cosines_seg16")}
+    assert len(paths) == 3
+    ShortGPT(segment=0).compress(model, adapter, calib, ShortGPT().solve(adapter, 0.0))
+    ShortGPT(segment=8).compress(model, adapter, calib, ShortGPT().solve(adapter, 0.0))
+    assert [e["source"] for e in calib.memo["log"]] == ["computed", "computed"]  # no reuse across definitions
+    assert calib.memo["block_cosines"].tolist() != calib.memo["block_cosines_seg8"].tolist()
+
+
+def test_negative_segment_is_refused():
+    model = make_tiny("llama")
+    with pytest.raises(UserError, match="segment"):
+        ShortGPT(segment=-1).solve(get_adapter(model), 0.1)

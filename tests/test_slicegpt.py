@@ -206,3 +206,28 @@ def test_checkpoint_round_trip(tmp_path, family, knobs, tiny_tokenizer):
     assert get_adapter(loaded).tied_embeddings() == get_adapter(model).tied_embeddings()
     ops = [op["op"] for op in structure.structure_log(loaded)]
     assert ops == ["slicegpt_ends"] + ["slicegpt_block"] * adapter.num_blocks
+
+
+def test_official_variant_is_the_dense_model_with_centred_embeddings_and_an_untied_head(family):
+    dense, model, sol, info = _sliced(family, slicing=0.0, variant="official")
+    ref = copy.deepcopy(dense)  # the official fusion by hand: head copied first, then each embedding row centred
+    adapter = get_adapter(ref)
+    head = adapter.lm_head()
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    with torch.no_grad():
+        emb = adapter.embeddings().weight
+        emb -= emb.mean(-1, keepdim=True)
+    ids = torch.randint(0, 384, (2, 16))
+    torch.testing.assert_close(_logits(model, ids), _logits(ref, ids), rtol=0, atol=1e-4)
+    assert info.details["variant"] == "official" and info.details["embedding_centred"]
+    assert info.details["head"] == "untied"
+    untied = SliceGPT(slicing=0.0, untie=True).solve(get_adapter(dense), 0.2)
+    assert count_params(model) == sol.predicted_params == untied.predicted_params
+
+
+def test_official_variant_refuses_other_rotations():
+    adapter = get_adapter(make_tiny("llama"))
+    with pytest.raises(UserError, match="variant=official"):
+        SliceGPT(variant="official", rotation="global").solve(adapter, 0.2)
+    with pytest.raises(UserError, match="slicegpt.variant"):
+        SliceGPT(variant="paper").solve(adapter, 0.2)
