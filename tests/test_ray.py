@@ -9,36 +9,24 @@ import sys
 from dataclasses import dataclass
 
 import pytest
+import test_faults
+from test_faults import _DropLast
 
-from bench import registry, structure
-from bench.budget import count_params
+from bench import registry
 from bench.cli import main
 from bench.records import load_records
-from bench.registry import CompressionInfo, Method, Solution
 
 
-class _DropLast(Method):
-    """Removes the last block; ``marker`` names a file the test methods use to count or remember calls."""
-
-    coarse = True
-
-    @dataclass
-    class Knobs:
-        marker: str = ""
-
-    def solve(self, adapter, ratio):
-        last = adapter.block(adapter.num_blocks - 1)
-        return Solution({"blocks": 1}, count_params(adapter.model) - count_params(last))
-
-    def compress(self, model, adapter, calibration, solution):
-        structure.apply(model, adapter, "remove_blocks", indices=[adapter.num_blocks - 1])
-        return CompressionInfo()
+@dataclass
+class _Marker:
+    marker: str = ""  # a file the test methods use to remember or count their calls
 
 
 class DiesOnce(_DropLast):
     """SIGKILLs its own worker the first time any cell of it runs (the marker file says it happened)."""
 
     name = "test-dies-once"
+    Knobs = _Marker
 
     def compress(self, model, adapter, calibration, solution):
         try:
@@ -52,6 +40,7 @@ class Raises(_DropLast):
     """Fails for its own reasons, counting its calls in the marker file."""
 
     name = "test-raises"
+    Knobs = _Marker
 
     def compress(self, model, adapter, calibration, solution):
         with open(self.knobs.marker, "a") as f:
@@ -63,7 +52,8 @@ class Raises(_DropLast):
 def ray_local():
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import the test module
+    for module in (sys.modules[__name__], test_faults):  # workers cannot import the test modules: ship them
+        ray.cloudpickle.register_pickle_by_value(module)
     yield ray
     ray.shutdown()
 
