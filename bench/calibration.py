@@ -20,9 +20,14 @@ import torch
 from torch import nn
 
 from bench import integrity
+from bench.claims import Claims
 
 #: bump when a statistic's definition changes, so stored ones are not reused
 STATS_VERSION = 2  # 2: files carry a content digest
+#: seconds between looks at a statistic another process is computing
+WAIT_POLL = 1.0
+_CLAIMS: Claims | None = None
+
 #: statistics larger than this are kept in memory only (a 7B model's Grams are tens of GB)
 MAX_CACHE_BYTES = 8 * 2**30
 
@@ -137,11 +142,14 @@ def collect_grams(model: nn.Module, adapter, calib: Calibration, progress: Progr
         for role in adapter.roles():
             first = next(s for s in adapter.slots if s.role == role)
             handles.append(adapter.linear(b, first.kind).register_forward_pre_hook(make_hook((b, role))))
-    with hooks(handles):
-        forward_all(model, calib, progress)
-    calib.memo["grams"] = grams
-    calib.log("grams", "computed", time.perf_counter() - t0)
-    _store(path, {f"{b}.{role}": g for (b, role), g in grams.items()})
+    try:
+        with hooks(handles):
+            forward_all(model, calib, progress)
+        calib.memo["grams"] = grams
+        calib.log("grams", "computed", time.perf_counter() - t0)
+        _store(path, {f"{b}.{role}": g for (b, role), g in grams.items()})
+    finally:
+        _release(path)
     return grams
 
 
@@ -193,13 +201,16 @@ def collect_block_cosines(model: nn.Module, adapter, calib: Calibration, progres
         handles.append(block.register_forward_hook(post(i), with_kwargs=True))
     pieces = [calib] if whole else [Calibration(tokens=group, batch_size=calib.batch_size)
                                     for group in _segments(calib.tokens, int(segment))]
-    with hooks(handles):
-        for part in pieces:
-            forward_all(model, part, progress)
-    result = sums / counts.clamp(min=1)
-    calib.memo[name] = result
-    calib.log(name, "computed", time.perf_counter() - t0)
-    _store(path, {"cosines": result})
+    try:
+        with hooks(handles):
+            for part in pieces:
+                forward_all(model, part, progress)
+        result = sums / counts.clamp(min=1)
+        calib.memo[name] = result
+        calib.log(name, "computed", time.perf_counter() - t0)
+        _store(path, {"cosines": result})
+    finally:
+        _release(path)
     return result
 
 
@@ -214,12 +225,38 @@ def _segments(tokens: torch.Tensor, segment: int) -> list[torch.Tensor]:
 
 
 def _load(path: Path | None, device) -> dict | None:
-    """A stored statistic, or None when absent; a file failing its digest is moved aside and recomputed."""
-    return integrity.load_tensors(path, device)
+    """A stored statistic, or None when absent; a file failing its digest is moved aside and recomputed.
+
+    None comes with this process holding the statistic's claim (released by :func:`_release`), so processes
+    sharing the cache (parallel cells, Ray workers) compute it once: the others wait for the file.
+    """
+    global _CLAIMS
+    while True:
+        stored = integrity.load_tensors(path, device)
+        if stored is not None or path is None:
+            return stored
+        _CLAIMS = _CLAIMS or Claims()
+        try:
+            if _CLAIMS.acquire(path):
+                stored = integrity.load_tensors(path, device)  # written between the look and the claim
+                if stored is not None:
+                    _CLAIMS.release(path)
+                return stored
+        except OSError:  # a read-only cache: compute here, memory only
+            return None
+        time.sleep(WAIT_POLL)
+
+
+def _release(path: Path | None) -> None:
+    if path is not None and _CLAIMS is not None:
+        _CLAIMS.release(path)
 
 
 def _store(path: Path | None, tensors: dict[str, torch.Tensor]) -> None:
     """Write atomically with a content digest; too large, a full disk or a read-only cache: memory only."""
-    if path is None or sum(t.numel() * t.element_size() for t in tensors.values()) > MAX_CACHE_BYTES:
-        return
-    integrity.save_tensors(path, tensors)
+    try:
+        if path is None or sum(t.numel() * t.element_size() for t in tensors.values()) > MAX_CACHE_BYTES:
+            return
+        integrity.save_tensors(path, tensors)
+    finally:
+        _release(path)  # the file is there (or never will be): processes waiting on the claim go on

@@ -79,6 +79,42 @@ def _knobs(pairs: list[str]) -> dict[str, dict]:
     return out
 
 
+def _ray_flags(parser: argparse.ArgumentParser, executor: str | None) -> None:
+    """Where the cells run; the per-cell resources apply to --executor ray."""
+    parser.add_argument("--executor", default=executor, choices=["local", "ray"],
+                        help="local: one cell after another in this process (default); ray: one Ray task per cell")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray instance)")
+    parser.add_argument("--cpus-per-cell", type=float, default=None, help="Ray: CPUs per cell (default 1)")
+    parser.add_argument("--gpus-per-cell", type=float, default=None,
+                        help="Ray: GPUs per cell (default 1 when the cluster has GPUs, else 0)")
+    parser.add_argument("--memory-per-cell", type=float, default=None, help="Ray: memory per cell in GiB")
+    parser.add_argument("--max-retries", type=int, default=None,
+                        help="Ray: times a cell whose worker died is retried (default 2)")
+
+
+def _executor(args):
+    """The function running a grid: the local runner, or Ray with the per-cell resources (all checked here)."""
+    executor = getattr(args, "executor", None) or "local"
+    if executor == "local":
+        if args.address:
+            raise UserError(f"--address {args.address} joins a Ray cluster; add --executor ray")
+        from bench.runner import run
+
+        return run
+    import functools
+
+    from bench import ray_exec
+
+    ray_exec.require_ray()
+    for flag, value, zero_ok in (("--cpus-per-cell", args.cpus_per_cell, False), ("--gpus-per-cell", args.gpus_per_cell, True),
+                                 ("--memory-per-cell", args.memory_per_cell, False), ("--max-retries", args.max_retries, True)):
+        if value is not None and not (value > 0 or (zero_ok and value == 0)):  # NaN fails both
+            raise UserError(f"{flag} {value}: give a {'non-negative' if zero_ok else 'positive'} number, e.g. {flag} 1")
+    res = ray_exec.Resources(cpus=args.cpus_per_cell or 1.0, gpus=args.gpus_per_cell, memory_gb=args.memory_per_cell,
+                             max_retries=2 if args.max_retries is None else args.max_retries)
+    return functools.partial(ray_exec.run, address=args.address, resources=res)
+
+
 def _parser() -> argparse.ArgumentParser:
     from bench.models import DEFAULT_MODEL
     from bench.suites import SUITES
@@ -112,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="recompute cells that already have a complete record")
     r.add_argument("--no-cache", action="store_true", help="recompute everything: no reused records, no stored or "
                                                          "shared calibration statistics (to measure the caches)")
+    _ray_flags(r, "local")
 
     sw = sub.add_parser("sweep", help="run the grid a sweep file describes (see sweeps/default.toml)")
     sw.add_argument("file", help="TOML sweep file")
@@ -122,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--no-save", action="store_true", help="do not keep compressed checkpoints")
     sw.add_argument("--force", action="store_true", help="recompute cells that already have a complete record")
     sw.add_argument("--no-cache", action="store_true", help="recompute everything (see bench run --help)")
+    _ray_flags(sw, None)  # given here, they override the sweep file's
 
     lb = sub.add_parser("leaderboard", help="regenerate leaderboard/ from the records in results/")
     lb.add_argument("--results-dir", default="results")
@@ -201,6 +239,7 @@ def run_config(args):
                          ("--cache-dir", str(cache_dir(args.cache_dir)))):
         _writable(folder, flag)
     locate(args.model, cache_dir(args.cache_dir))  # a missing or damaged model is refused here, not mid-run
+    _executor(args)  # Ray missing or a bad per-cell resource: refused before any work
     return RunConfig(model=args.model, methods=methods, ratios=_floats(args.ratio), seeds=_ints(args.seeds),
                      suite=suite, knobs=knobs, device=args.device, dtype=args.dtype,
                      cache=args.cache_dir, results_dir=args.results_dir, save_checkpoints=not args.no_save,
@@ -211,9 +250,9 @@ def run_config(args):
 def cmd_run(args, cfg=None) -> int:
     from bench import leaderboard
     from bench.display import RichEvents
-    from bench.runner import run
 
     cfg = cfg or run_config(args)
+    run = _executor(args)
     console = _console()
     t0 = time.perf_counter()
     with RichEvents(console) as events:
@@ -242,6 +281,9 @@ def cmd_sweep(args) -> int:
              "--leaderboard-dir", args.leaderboard_dir]
     extra += (["--cache-dir", args.cache_dir] if args.cache_dir else []) + (["--no-save"] if args.no_save else [])
     extra += (["--force"] if args.force else []) + (["--no-cache"] if args.no_cache else [])
+    for flag in ("--executor", "--address", "--cpus-per-cell", "--gpus-per-cell", "--memory-per-cell", "--max-retries"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        extra += [flag, str(value)] if value is not None else []
     planned = []
     for argv in runs:
         parsed = _parser().parse_args([*argv, *extra])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
@@ -41,12 +42,15 @@ class RichEvents(Events):
         self.durations: list[float] = []
         self.current: tuple | None = None
         self.started = time.perf_counter()
+        self.active: int | None = None  # cells running elsewhere (Ray); None with the local executor
+        self.slots = 1  # cells that run at once, for the estimate
 
     def tally(self) -> str:
         left = self.total - sum(self.counts.values())
-        text = f"{self.counts['ok']} ok, {self.counts['failed']} failed, {self.counts['reused']} reused, {left} left"
+        text = f"{self.counts['ok']} ok, {self.counts['failed']} failed, {self.counts['reused']} reused"
+        text += f", {self.active} running, {left} left" if self.active is not None else f", {left} left"
         if self.durations and left:
-            eta = statistics.median(self.durations) * left
+            eta = statistics.median(self.durations) * left / max(1, min(self.slots, left))
             text += f", ~{int(eta // 60)}:{int(eta % 60):02d} left"
         return text
 
@@ -74,6 +78,8 @@ class RichEvents(Events):
             self.counts["ok" if rec.status == "ok" else "failed"] += 1
             if (cell.method, cell.ratio, cell.seed) == self.current:
                 self.durations.append(time.perf_counter() - self.started)
+            elif rec.started and rec.finished:  # computed elsewhere: its own timestamps
+                self.durations.append(_seconds(rec.started, rec.finished))
         self.current = None
         self.progress.update(self.task, advance=1, tally=self.tally())
         m = rec.metrics
@@ -88,3 +94,14 @@ class RichEvents(Events):
 
     def info(self, text: str) -> None:
         self.console.print(text, soft_wrap=True)
+
+    def running(self, steps: dict[str, str], slots: int) -> None:
+        """Cells in progress on Ray workers and their steps."""
+        self.active, self.slots = len(steps), slots
+        shown = "; ".join(f"{label}: {step}" for label, step in sorted(steps.items())[:3])
+        more = f" (+{len(steps) - 3})" if len(steps) > 3 else ""
+        self.progress.update(self.task, description=(shown + more) or "waiting for workers", tally=self.tally())
+
+
+def _seconds(start: str, end: str) -> float:
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()

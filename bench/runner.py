@@ -53,6 +53,9 @@ class RunConfig:
     #: recompute everything a cell needs: no reused records, no statistics shared between cells or read from disk
     #: (for measuring what the caches save, or distrusting them)
     no_cache: bool = False
+    #: compute only these (method, ratio, seed) cells of the grid (the dense cell is ("dense", 0.0, first seed));
+    #: None: every cell. An executor that spreads a grid over processes gives each one cell this way.
+    only: list[tuple[str, float, int]] | None = None
 
 
 @dataclass
@@ -69,11 +72,16 @@ class Events:
     def cell(self, cell: Cell, step: str) -> None: ...
     def done(self, cell: Cell, rec: Record, path: Path, reused: bool) -> None: ...
     def info(self, text: str) -> None: ...
+    def running(self, steps: dict[str, str], slots: int) -> None: ...
 
 
 def plan(cfg: RunConfig) -> list[Cell]:
+    """The grid's cells, dense first (or the ones ``cfg.only`` names, in the same order)."""
     cells = [Cell(DENSE, 0.0, cfg.seeds[0])]
     cells += [Cell(m, r, s) for s in cfg.seeds for r in cfg.ratios for m in cfg.methods]
+    if cfg.only is not None:
+        wanted = {(m, float(r), int(s)) for m, r, s in cfg.only}
+        cells = [c for c in cells if (c.method, c.ratio, c.seed) in wanted]
     return cells
 
 

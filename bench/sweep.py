@@ -24,7 +24,9 @@ from bench.errors import UserError
 REQUIRED = ("models", "methods", "ratios")
 OPTIONAL = {"seeds": "--seeds", "suite": "--suite", "tasks": "--tasks", "limit": "--limit",
             "calib_samples": "--calib-samples", "calib_seq_len": "--calib-seq-len",
-            "train_tokens": "--train-tokens", "tolerance": "--tolerance"}
+            "train_tokens": "--train-tokens", "tolerance": "--tolerance", "executor": "--executor",
+            "address": "--address", "cpus_per_cell": "--cpus-per-cell", "gpus_per_cell": "--gpus-per-cell",
+            "memory_per_cell": "--memory-per-cell", "max_retries": "--max-retries"}
 
 
 def _csv(value, name: str, path: Path) -> str:
