@@ -20,6 +20,7 @@ from bench.adapters import get_adapter
 from bench.budget import DEFAULT_TOLERANCE, budget_report, count_block_matrix_params, count_params
 from bench.calibration import Calibration
 from bench.errors import UserError
+from bench.evaluate import docs
 from bench.evaluate.efficiency import PeakMemory, dir_size
 from bench.evaluate.suite_eval import evaluate, is_finite_result
 from bench.evaluate.zeroshot import resolve_tasks
@@ -169,6 +170,7 @@ def run(cfg: RunConfig, events: Events | None = None) -> list[Record]:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         rec.finished = now()
+        docs.write_beside(cfg.results_dir, rec)  # before the record: a complete record has its side file
         path = write_record(cfg.results_dir, rec)
         records.append(rec)
         events.done(cell, rec, path, reused=False)

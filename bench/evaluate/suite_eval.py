@@ -32,6 +32,7 @@ def evaluate(model: nn.Module, tokenizer, adapter, suite: Suite, progress=None, 
             zs = zero_shot(model, tokenizer, list(suite.tasks), suite.task_limit, batch_size=suite.eval_batch_size,
                            seed=seed)
             out["tasks"] = zs.pop("tasks")
+            out["zero_shot_docs"] = {"tasks": zs.pop("docs")}  # moved to the side file by docs.write_beside
             out["mean_acc"] = mean_accuracy(out["tasks"])
             out["zero_shot_config"] = zs
     out["peak_memory_bytes"] = mem.peak_bytes
