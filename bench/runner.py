@@ -22,7 +22,7 @@ from bench.calibration import Calibration
 from bench.errors import UserError
 from bench.evaluate import docs
 from bench.evaluate.efficiency import PeakMemory, dir_size
-from bench.evaluate.suite_eval import evaluate, is_finite_result
+from bench.evaluate.suite_eval import dense_reference, evaluate, is_finite_result
 from bench.evaluate.zeroshot import resolve_tasks
 from bench.models import cache_dir, load_model
 from bench.records import Record, cell_key, environment, now, record_path, write_record
@@ -143,6 +143,8 @@ def run(cfg: RunConfig, events: Events | None = None) -> list[Record]:
         if model is None:
             model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.cache).model
         try:
+            reference = dense_reference(model, loaded.tokenizer, adapter, cfg.suite,  # model is dense here
+                                        None if cfg.no_cache else cache_dir(cfg.cache), model_key)
             if inst is not None:
                 if cell.seed not in calibrations or cfg.no_cache:
                     events.cell(cell, "calibration data")
@@ -155,7 +157,7 @@ def run(cfg: RunConfig, events: Events | None = None) -> list[Record]:
             rec.budget = vars(budget_report(dense_params, dense_linear, cell_adapter, cell.ratio, cfg.tolerance,
                                             rec.solution.get("predicted_params")))
             rec.metrics = evaluate(model, loaded.tokenizer, cell_adapter, cfg.suite,
-                                   progress=lambda step, c=cell: events.cell(c, step), seed=1234)
+                                   progress=lambda step, c=cell: events.cell(c, step), seed=1234, reference=reference)
             if not is_finite_result(rec.metrics):
                 rec.status, rec.error = "failed", f"perplexity is {rec.metrics.get('perplexity')}: the model collapsed"
             events.cell(cell, "saving")

@@ -242,11 +242,9 @@ def zero_shot(
 
 def _task_objects(lm_names: tuple[str, ...], manager: Any) -> dict[str, Any]:
     """lm-eval Task objects by name, to draw the document sample from; {} when a name is a group of tasks."""
-    from lm_eval.tasks import get_task_dict
-
-    objects = get_task_dict(list(lm_names), manager)
-    named = {k: t for k, t in objects.items() if isinstance(k, str)}
-    if set(named) != set(lm_names) or not all(hasattr(t, "eval_docs") for t in named.values()):
+    loaded = manager.load(list(lm_names))
+    named = loaded.get("tasks", {})
+    if loaded.get("groups") or set(named) != set(lm_names) or not all(hasattr(t, "eval_docs") for t in named.values()):
         return {}
     return named
 
