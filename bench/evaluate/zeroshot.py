@@ -190,11 +190,14 @@ def zero_shot(
     batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 1234,
     sample_seed: int = 0,
+    stock_lm: bool = False,
 ) -> dict:
     """Zero-shot accuracy of an in-memory model on a seeded, label-stratified sample of `limit` documents a task.
 
     Returns the per-task metrics, the sample's definition and, under `docs`, each document's outcome
-    (`bench.evaluate.docs.from_samples`). `sample_seed` picks the documents; `seed` seeds lm-eval.
+    (`bench.evaluate.docs.from_samples`). `sample_seed` picks the documents; `seed` seeds lm-eval. The model
+    runs through `fastlm.SharedContextLM` (same scores as stock HFLM, each shared context run once) unless
+    `stock_lm`.
     """
     if limit is not None and limit < 1:
         raise UserError(f"limit must be a positive number of documents (or None for all), got {limit}")
@@ -205,9 +208,11 @@ def zero_shot(
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    from bench.evaluate.fastlm import SharedContextLM
+
     lm_names = resolve_tasks(tasks)
     manager = task_manager(stock=any(n not in LOCAL_TASKS for n in tasks))
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = (HFLM if stock_lm else SharedContextLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     task_objects = _task_objects(tuple(lm_names), manager)
     ids, sample = doc_sample.draw(task_objects, limit, sample_seed) if task_objects else (None, None)
     if not sys.stderr.isatty():  # lm-eval's request bar floods logs; keep it only on a terminal
@@ -234,6 +239,7 @@ def zero_shot(
         "docs": docs,
         "lm_eval_version": importlib.metadata.version("lm_eval"),
         "batch_size": batch_size,
+        "lm_class": type(lm).__name__,
         "limit": limit,
         "num_fewshot": 0,
         "seed": seed,
