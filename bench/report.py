@@ -27,6 +27,7 @@ KEYS = ["model", "suite", "method", "target"]
 TEXT = ["model", "suite", "method", "seed", "budget", "status", "near_best", "vs_best"]
 FLOOR = 0.6  # a share of the dense accuracy at or below this is full red; 1.0 and above full green
 FIGURES = [("accuracy", plots.draw_accuracy, (6.4, 4.2)), ("perplexity", plots.draw_perplexity, (6.4, 4.2)),
+           ("kl", plots.draw_kl, (6.4, 4.2)), ("top1", plots.draw_top1, (6.4, 4.2)),
            ("speed", plots.draw_speed, (6.4, 4.2)), ("tasks", plots.draw_tasks, (9.6, 4.2))]
 
 
