@@ -8,6 +8,7 @@ import pytest
 
 from bench.evaluate import fastlm, zeroshot
 from tests.conftest import make_tiny
+from tests.test_evaluate import smol  # noqa: F401  the real SmolLM2 fixture
 
 
 def _requests(vocab: int, seed: int = 0) -> list:
@@ -59,3 +60,15 @@ def test_zero_shot_documents_equal_stock_hflm(tiny_tokenizer) -> None:
         assert a["doc_id"] == b["doc_id"] and a["correct"] == b["correct"] and a["chosen"] == b["chosen"]
         assert [x for row in a["ll"] for x in row] == pytest.approx([x for row in b["ll"] for x in row], abs=2e-4)
         assert fast["tasks"][task]["acc"] == stock["tasks"][task]["acc"]
+
+
+@pytest.mark.real
+def test_real_model_zero_shot_documents_equal_stock_hflm(smol) -> None:  # noqa: F811
+    model, tokenizer = smol
+    tasks = ["arc_easy", "hellaswag"]
+    fast = zeroshot.zero_shot(model, tokenizer, tasks, limit=10)
+    stock = zeroshot.zero_shot(model, tokenizer, tasks, limit=10, stock_lm=True)
+    for task in tasks:
+        a, b = fast["docs"][task], stock["docs"][task]
+        assert a["correct"] == b["correct"] and a["chosen"] == b["chosen"]
+        assert [x for row in a["ll"] for x in row] == pytest.approx([x for row in b["ll"] for x in row], abs=1e-3)

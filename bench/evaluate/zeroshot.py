@@ -213,8 +213,7 @@ def zero_shot(
     lm_names = resolve_tasks(tasks)
     manager = task_manager(stock=any(n not in LOCAL_TASKS for n in tasks))
     lm = (HFLM if stock_lm else SharedContextLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    task_objects = _task_objects(tuple(lm_names), manager)
-    ids, sample = doc_sample.draw(task_objects, limit, sample_seed) if task_objects else (None, None)
+    task_objects, ids, sample = _sampled(tuple(lm_names), manager, limit, sample_seed)
     if not sys.stderr.isatty():  # lm-eval's request bar floods logs; keep it only on a terminal
         lm.loglikelihood = functools.partial(lm.loglikelihood, disable_tqdm=True)
     out = lm_eval.simple_evaluate(
@@ -244,6 +243,14 @@ def zero_shot(
         "num_fewshot": 0,
         "seed": seed,
     }
+
+
+@functools.lru_cache(maxsize=8)
+def _sampled(lm_names: tuple[str, ...], manager: Any, limit: int | None, seed: int) -> tuple[dict, Any, Any]:
+    """Task objects, document ids and the sample's definition; drawn once per process (they depend on data only)."""
+    task_objects = _task_objects(lm_names, manager)
+    ids, sample = doc_sample.draw(task_objects, limit, seed) if task_objects else (None, None)
+    return task_objects, ids, sample
 
 
 def _task_objects(lm_names: tuple[str, ...], manager: Any) -> dict[str, Any]:
