@@ -44,6 +44,7 @@ def test_scores_equal_stock_hflm_on_every_family(family, tiny_tokenizer) -> None
 
 def test_batches_by_tokens_sorts_longest_first_within_the_budget() -> None:
     assert fastlm.batches_by_tokens([10, 50, 20, 50, 5], budget=100, max_rows=8) == [[1, 3], [2, 0, 4]]
+    assert fastlm.buckets_by_length([0, 10, 3, 8, 7, 2], keep=0.7) == [[1, 3, 4], [2], [5]]  # 2 < 0.7 * 3
     assert fastlm.batches_by_tokens([10] * 5, budget=1000, max_rows=2) == [[0, 1], [2, 3], [4]]
 
 

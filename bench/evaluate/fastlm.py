@@ -10,6 +10,8 @@ Requests longer than the model's context window go to stock HFLM, which truncate
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from lm_eval.models.huggingface import HFLM
 
@@ -26,6 +28,19 @@ def batches_by_tokens(lengths: list[int], budget: int, max_rows: int) -> list[li
     out: list[list[int]] = []
     for i in order:
         if out and len(out[-1]) < max_rows and (len(out[-1]) + 1) * lengths[out[-1][0]] <= budget:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def buckets_by_length(lengths: list[int], keep: float = 0.7) -> list[list[int]]:
+    """Indices of the non-zero ``lengths``, longest first, cut where a row would be under ``keep`` of its bucket's
+    longest: continuations of very different lengths do not pad each other."""
+    order = [i for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]) if lengths[i] > 0]
+    out: list[list[int]] = []
+    for i in order:
+        if out and lengths[i] >= keep * lengths[out[-1][0]]:
             out[-1].append(i)
         else:
             out.append([i])
@@ -81,34 +96,42 @@ class SharedContextLM(HFLM):
         self._count(mask, 1)
         head = torch.log_softmax(first.logits[:, -1].float(), dim=-1)  # predicts each choice's first token
         rows = [(b, cont) for b, conts in enumerate(choices) for cont in conts]
-        longest = max(len(cont) - 1 for _, cont in rows)
-        tail = None
-        if longest > 0:
-            cache = returned_kv_cache(first)
-            cache.batch_select_indices(torch.tensor([b for b, _ in rows], device=dev))
-            inp = torch.zeros(len(rows), longest, dtype=torch.long)
-            more = torch.zeros(len(rows), longest, dtype=torch.long)
-            for r, (_, cont) in enumerate(rows):
-                inp[r, : len(cont) - 1] = torch.tensor(cont[:-1])
-                more[r, : len(cont) - 1] = 1
-            starts = torch.tensor([len(contexts[b]) for b, _ in rows]).unsqueeze(1)
-            full_mask = torch.cat([mask[[b for b, _ in rows]], more], dim=1)
-            logits = model(input_ids=inp.to(dev), attention_mask=full_mask.to(dev),
-                           position_ids=(starts + torch.arange(longest)).to(dev), use_cache=True,
-                           **{kv_cache_kwarg(model): cache}).logits.float()
-            self._count(more, 1)
-            tail = logits - logits.logsumexp(-1, keepdim=True)
+        tails: dict[int, torch.Tensor] = {}  # row -> log-probs of its continuation's later tokens
+        cache = returned_kv_cache(first)
+        for bucket in buckets_by_length([len(cont) - 1 for _, cont in rows]):
+            tails.update(zip(bucket, self._continue(cache, mask, [rows[r] for r in bucket], contexts), strict=True))
         answers: list[list[tuple[float, bool]]] = [[] for _ in contexts]
         for r, (b, cont) in enumerate(rows):
             target = torch.tensor(cont, device=dev)
             lp = head[b, target[0]].clone().unsqueeze(0)
             greedy = head[b].argmax() == target[0]
             if len(cont) > 1:
-                steps = tail[r, : len(cont) - 1]
+                steps = tails[r]
                 lp = torch.cat([lp, steps.gather(-1, target[1:].unsqueeze(-1)).squeeze(-1)])
                 greedy = greedy & (steps.argmax(-1) == target[1:]).all()
             answers[b].append((float(lp.sum()), bool(greedy)))
         return answers
+
+    def _continue(self, cache, mask: torch.Tensor, rows: list[tuple[int, list[int]]],
+                  contexts: list[list[int]]) -> list[torch.Tensor]:
+        """Log-probs [len(cont) - 1, V] predicting each row's later continuation tokens, in one forward on a copy
+        of the contexts' KV cache with a row per continuation."""
+        dev, longest = self.device, max(len(cont) - 1 for _, cont in rows)
+        mine = copy.deepcopy(cache)
+        mine.batch_select_indices(torch.tensor([b for b, _ in rows], device=dev))
+        inp = torch.zeros(len(rows), longest, dtype=torch.long)
+        more = torch.zeros(len(rows), longest, dtype=torch.long)
+        for r, (_, cont) in enumerate(rows):
+            inp[r, : len(cont) - 1] = torch.tensor(cont[:-1])
+            more[r, : len(cont) - 1] = 1
+        starts = torch.tensor([len(contexts[b]) for b, _ in rows]).unsqueeze(1)
+        full_mask = torch.cat([mask[[b for b, _ in rows]], more], dim=1)
+        logits = self.model(input_ids=inp.to(dev), attention_mask=full_mask.to(dev),
+                            position_ids=(starts + torch.arange(longest)).to(dev), use_cache=True,
+                            **{kv_cache_kwarg(self.model): mine}).logits.float()
+        self._count(more, 1)
+        logp = logits - logits.logsumexp(-1, keepdim=True)
+        return [logp[r, : len(cont) - 1] for r, (_, cont) in enumerate(rows)]
 
     def _count(self, mask: torch.Tensor, forwards: int) -> None:
         self.stats["tokens"] += int(mask.sum())

@@ -7,6 +7,7 @@ tokens for the raw tokens/s. The ratio says how close evaluation comes to the ha
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ class Counter:
     def wrap(self, model: torch.nn.Module):
         original = model.forward
 
+        @functools.wraps(original)  # keeps the signature, which kv_cache_kwarg reads
         def forward(*args, **kwargs):
             ids = kwargs.get("input_ids", args[0] if args else None)
             mask = kwargs.get("attention_mask")
