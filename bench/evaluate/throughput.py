@@ -58,7 +58,9 @@ def raw_forward(model: torch.nn.Module, vocab: int, batch: int, seq_len: int, re
 
 def measure(model, tokenizer, tasks: list[str], limit: int, stock: bool, batch: int = 8, seq_len: int = 256,
             repeats: int = 3) -> dict:
-    """Zero-shot wall time and tokens for each backend, then the raw forward tokens/s; one dict of figures."""
+    """Zero-shot wall time and tokens for each backend, and the raw forward tokens/s measured before and after
+    (their mean, so that a machine whose load changes during the run is not compared at one moment only)."""
+    raw_before = raw_forward(model, len(tokenizer), batch, seq_len, repeats)
     out = {}
     for name, use_stock in ([("stock HFLM", True)] if stock else []) + [("SharedContextLM", False)]:
         counter = Counter()
@@ -72,7 +74,9 @@ def measure(model, tokenizer, tasks: list[str], limit: int, stock: bool, batch: 
         out[name] = {"wall_s": wall, "forward_s": counter.seconds, "tokens": counter.tokens,
                      "padded_tokens": counter.padded, "forwards": counter.calls,
                      "eval_tokens_per_s": counter.tokens / wall}
-    out["raw_tokens_per_s"] = raw_forward(model, len(tokenizer), batch, seq_len, repeats)
+    raw_after = raw_forward(model, len(tokenizer), batch, seq_len, repeats)
+    out["raw_tokens_per_s"] = (raw_before + raw_after) / 2
+    out["raw_spread"] = (raw_before, raw_after)
     return out
 
 
@@ -80,11 +84,12 @@ def report(fig: dict) -> str:
     lines = []
     raw = fig["raw_tokens_per_s"]
     for name, f in fig.items():
-        if name == "raw_tokens_per_s":
+        if name in ("raw_tokens_per_s", "raw_spread"):
             continue
         lines.append(f"{name}: {f['wall_s']:.1f} s for zero-shot ({f['forward_s']:.1f} s in forward), {f['forwards']} "
                      f"forwards, {f['tokens']:,} tokens ({f['padded_tokens']:,} with padding, "
                      f"{100 * f['tokens'] / max(f['padded_tokens'], 1):.0f} % useful); evaluation {f['eval_tokens_per_s']:.0f} "
                      f"tokens/s = {100 * f['eval_tokens_per_s'] / raw:.0f} % of raw")
-    lines.append(f"raw batched forward: {raw:.0f} tokens/s")
+    before, after = fig["raw_spread"]
+    lines.append(f"raw batched forward: {raw:.0f} tokens/s (before {before:.0f}, after {after:.0f})")
     return "\n".join(lines)
