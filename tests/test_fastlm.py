@@ -73,3 +73,19 @@ def test_real_model_zero_shot_documents_equal_stock_hflm(smol) -> None:  # noqa:
         a, b = fast["docs"][task], stock["docs"][task]
         assert a["correct"] == b["correct"] and a["chosen"] == b["chosen"]
         assert [x for row in a["ll"] for x in row] == pytest.approx([x for row in b["ll"] for x in row], abs=1e-3)
+
+
+def test_throughput_counter_counts_real_and_padded_tokens() -> None:
+    import torch
+
+    from bench.evaluate import throughput
+
+    model = make_tiny("llama")
+    counter = throughput.Counter()
+    original = counter.wrap(model)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 0]])
+    model(input_ids=torch.ones(2, 5, dtype=torch.long), attention_mask=mask)
+    model(input_ids=torch.ones(1, 3, dtype=torch.long))
+    model.forward = original
+    assert (counter.tokens, counter.padded, counter.calls) == (7 + 3, 10 + 3, 2)
+    assert throughput.raw_forward(model, 384, batch=2, seq_len=8, repeats=1) > 0
