@@ -184,7 +184,28 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="auto")
     g.add_argument("--cache-dir", default=None)
+    tp = sub.add_parser("throughput", help="zero-shot evaluation tokens/s against the raw batched forward, in one run")
+    tp.add_argument("--model", default=DEFAULT_MODEL)
+    tp.add_argument("--tasks", default=None, help="comma-separated (default: the quick suite's)")
+    tp.add_argument("--limit", type=int, default=40, help="documents per task")
+    tp.add_argument("--stock", action="store_true", help="also time stock lm-eval HFLM, for before and after")
+    tp.add_argument("--cache-dir", default=None)
     return p
+
+
+def cmd_throughput(args) -> int:
+    from bench.evaluate import throughput
+    from bench.evaluate.zeroshot import resolve_tasks
+    from bench.models import load_model
+    from bench.suites import TASKS
+
+    tasks = args.tasks.split(",") if args.tasks else list(TASKS)
+    resolve_tasks(tasks)
+    if args.limit < 1:
+        raise UserError(f"--limit {args.limit}: give a positive number of documents per task")
+    loaded = load_model(args.model, "auto", "auto", args.cache_dir)
+    print(throughput.report(throughput.measure(loaded.model, loaded.tokenizer, tasks, args.limit, args.stock)))
+    return 0
 
 
 def _console():
@@ -394,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     handler = {"run": cmd_run, "sweep": cmd_sweep, "leaderboard": cmd_leaderboard, "list": cmd_list, "generate": cmd_generate,
-               "compare": cmd_compare}
+               "compare": cmd_compare, "throughput": cmd_throughput}
     try:
         return handler[args.command](args)
     except UserError as err:

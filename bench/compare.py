@@ -1,10 +1,10 @@
 """How sure the accuracies in the records are, and ``bench compare A B``: two methods or two records side by side.
 
-lm-eval gives each task's standard error over its documents, sqrt(p(1 - p) / (n - 1)). The unweighted mean over
-k tasks, scored on disjoint documents, has SE = sqrt(sum SE_i^2) / k. Two results are within noise when
-|B - A| <= 1.96 * sqrt(SE_A^2 + SE_B^2); every method sees the same documents, so this unpaired test is
-conservative. Perplexity records hold only the total NLL and token count, so perplexity has no SE here;
-latency and size have none either, only their spread over seeds.
+lm-eval gives each task's standard error over its documents, sqrt(p(1 - p) / (n - 1)); the unweighted mean over
+k tasks has SE = sqrt(sum SE_i^2) / k (shown as information). Verdicts are paired (``bench.stats``): both cells
+answered the same documents, so B - A is judged by the SE of the per-document differences and McNemar's test on
+the documents that flip, read from the records' side files. Perplexity, latency and size have no SE here, only
+their spread over seeds.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import stats
 from bench.errors import UserError
+from bench.evaluate import docs as docs_io
 from bench.records import Record, latest, load_records, read_record
 
 Z = 1.96  # two-sided 95 %
@@ -57,18 +59,6 @@ def pooled_se(ses: list[float | None]) -> float | None:
     return math.sqrt(sum(se * se for se in ses) / len(ses))
 
 
-def combined_se(se_a: float | None, se_b: float | None) -> float | None:
-    """SE of B - A for independent A and B; None unless both SEs are finite numbers."""
-    se_a, se_b = _number(se_a), _number(se_b)
-    return None if se_a is None or se_b is None else math.hypot(se_a, se_b)
-
-
-def within_noise(a: float, se_a: float | None, b: float, se_b: float | None) -> bool | None:
-    """|b - a| <= 1.96 * sqrt(se_a^2 + se_b^2); None when either SE is unknown."""
-    se = combined_se(se_a, se_b)
-    return None if se is None else abs(b - a) <= Z * se
-
-
 def verdict(diff: float | None, se: float | None, higher_is_better: bool = True) -> str:
     if diff is None or se is None:
         return ""
@@ -91,7 +81,7 @@ def label(r: Record) -> str:
 class Metric:
     name: str
     value: Callable[[Record], float | None]
-    se: Callable[[Record], float | None] | None = None  # None: no SE for this metric
+    paired: Callable[[dict, dict], stats.Paired | None] | None = None  # B - A from two cells' side files
     higher_is_better: bool = True
     digits: int = 3
     scale: float = 1.0
@@ -105,10 +95,11 @@ class Row:
     a: float | None
     b: float | None
     diff: float | None
-    se: float | None  # SE of B - A, where the metric has one
+    se: float | None  # paired SE of B - A, where the metric has one and the side files are there
     seed_sd: float | None  # sd over seeds of B - A, where there are several seeds
     verdict: str
     digits: int = 3
+    p_mcnemar: float | None = None  # exact McNemar p-value of the documents that flip
 
 
 def _metrics(a: list[Record], b: list[Record]) -> list[Metric]:
@@ -119,22 +110,37 @@ def _metrics(a: list[Record], b: list[Record]) -> list[Metric]:
             return (r.metrics.get("tasks") or {}).get(name) or {}
 
         return Metric(f"{name} ({a[0].metrics['tasks'][name].get('main') or 'acc'})",
-                      lambda r: _number(main_acc(of(r))), lambda r: main_se(of(r)))
+                      lambda r: _number(main_acc(of(r))), lambda x, y: stats.paired_tasks(x, y).get(name))
 
     def m(key: str) -> Callable[[Record], float | None]:
         return lambda r: _number(r.metrics.get(key))
 
     return [*map(task, tasks),
-            Metric("mean_acc", m("mean_acc"), lambda r: mean_acc_se(r.metrics.get("tasks") or {})),
+            Metric("mean_acc", m("mean_acc"), stats.paired_mean),
             Metric("perplexity", m("perplexity"), higher_is_better=False, digits=2),
+            Metric("KL to dense", lambda r: _number((r.metrics.get("closeness") or {}).get("kl_mean")),
+                   higher_is_better=False, digits=4),
+            Metric("top-1 agreement", lambda r: _number((r.metrics.get("closeness") or {}).get("top1_agreement")),
+                   digits=4),
             Metric("achieved ratio (%)", lambda r: _number(r.budget.get("achieved_ratio")), digits=1, scale=100),
             Metric("params (M)", m("params"), higher_is_better=False, digits=2, scale=1e-6),
             Metric("prefill (ms)", m("prefill_ms"), higher_is_better=False, digits=1),
             Metric("decode (tokens/s)", m("decode_tokens_per_s"), digits=1)]
 
 
-def rows(a: list[Record], b: list[Record]) -> list[Row]:
-    """Metric by metric, A against B over paired records (``a[i]`` and ``b[i]`` share a ratio and seed)."""
+def _paired(metric: Metric, docs_a: list[dict | None], docs_b: list[dict | None]) -> stats.Paired | None:
+    """The metric's paired B - A pooled over the record pairs; None without side files for every pair."""
+    if metric.paired is None or any(d is None for d in (*docs_a, *docs_b)):
+        return None
+    per_pair = [metric.paired(x, y) for x, y in zip(docs_a, docs_b, strict=True)]
+    return None if any(p is None for p in per_pair) else stats.over_seeds(per_pair)
+
+
+def rows(a: list[Record], b: list[Record], docs_a: list[dict | None] | None = None,
+         docs_b: list[dict | None] | None = None) -> list[Row]:
+    """Metric by metric, A against B over paired records (``a[i]`` and ``b[i]`` share a ratio and seed);
+    ``docs_a[i]`` holds ``a[i]``'s per-document outcomes, which the accuracy verdicts are paired over."""
+    docs_a, docs_b = docs_a or [None] * len(a), docs_b or [None] * len(b)
     out = []
     for metric in _metrics(a, b):
         av, bv = [metric.value(r) for r in a], [metric.value(r) for r in b]
@@ -144,12 +150,12 @@ def rows(a: list[Record], b: list[Record]) -> list[Row]:
             out.append(Row(metric.name, *mean, None, None, None, "", metric.digits))
             continue
         diffs = [metric.scale * (y - x) for x, y in zip(av, bv, strict=True)]
-        se = combined_se(pooled_se([metric.se(r) for r in a]), pooled_se([metric.se(r) for r in b])) \
-            if metric.se else None
+        p = _paired(metric, docs_a, docs_b)
         diff = statistics.fmean(diffs)
         out.append(Row(metric.name, metric.scale * statistics.fmean(av), metric.scale * statistics.fmean(bv), diff,
-                       se, statistics.stdev(diffs) if len(diffs) > 1 else None,
-                       verdict(diff, se, metric.higher_is_better), metric.digits))
+                       p.se if p else None, statistics.stdev(diffs) if len(diffs) > 1 else None,
+                       verdict(diff, p.se if p else None, metric.higher_is_better), metric.digits,
+                       p.p_mcnemar if p else None))
     return out
 
 
@@ -165,16 +171,20 @@ def _docs_note(records: list[Record]) -> str:
     if not docs:
         return ""
     n = f"{docs[0]}" if len(docs) == 1 else f"{docs[0]}-{docs[-1]}"
-    return (f"{n} documents per task: one task's SE is up to 0.5/sqrt(n-1) = {0.5 / math.sqrt(max(docs[0] - 1, 1)):.2f}."
-            f" Verdict: |B-A| <= {Z} SE is within noise. Perplexity, size and speed have no SE.")
+    return (f"{n} documents per task. SE(B-A) is paired over the documents both answered (seeds pooled as a second"
+            f" level); verdict: |B-A| <= {Z} SE is within noise; McNemar p: exact test on the documents that flip."
+            f" Perplexity, KL, size and speed have no SE.")
 
 
-def _comparison(title: str, a: list[Record], b: list[Record]) -> Comparison:
+def _comparison(title: str, a: list[Record], b: list[Record], docs_a: list[dict | None],
+                docs_b: list[dict | None]) -> Comparison:
     notes = [_docs_note(a + b)]
+    if any(d is None for d in (*docs_a, *docs_b)):
+        notes.append("a record has no per-document side file (.docs.json.gz): no paired SE or verdict for accuracy")
     ta, tb = set(a[0].metrics.get("tasks") or {}), set(b[0].metrics.get("tasks") or {})
     if ta != tb:
         notes.append(f"different tasks ({', '.join(sorted(ta ^ tb))} in one only): mean_acc averages different tasks")
-    return Comparison(title, rows(a, b), [n for n in notes if n])
+    return Comparison(title, rows(a, b, docs_a, docs_b), [n for n in notes if n])
 
 
 def _load_file(path: str) -> Record:
@@ -193,7 +203,8 @@ def _describe(r: Record) -> str:
 
 def compare_files(a: str, b: str) -> list[Comparison]:
     ra, rb = _load_file(a), _load_file(b)
-    return [_comparison(f"A = {_describe(ra)}  vs  B = {_describe(rb)}", [ra], [rb])]
+    da, db = (docs_io.read(docs_io.docs_path(Path(p)), r.key) for p, r in ((a, ra), (b, rb)))
+    return [_comparison(f"A = {_describe(ra)}  vs  B = {_describe(rb)}", [ra], [rb], [da], [db])]
 
 
 def compare_methods(results_dir: str, a: str, b: str, model: str | None = None, suite: str | None = None,
@@ -245,7 +256,9 @@ def compare_methods(results_dir: str, a: str, b: str, model: str | None = None, 
         keys = [k for k in shared if k[0] == target]
         seeds = ",".join(str(seed) for _, seed in keys)
         title = f"A = {a}, B = {b} — {m}, suite {s}, ratio {100 * target:.1f}%, seed{'s' * (len(keys) > 1)} {seeds}"
-        out.append(_comparison(title, [cells[a][k] for k in keys], [cells[b][k] for k in keys]))
+        ra, rb = [cells[a][k] for k in keys], [cells[b][k] for k in keys]
+        out.append(_comparison(title, ra, rb, [docs_io.read_beside(results_dir, r) for r in ra],
+                               [docs_io.read_beside(results_dir, r) for r in rb]))
     return out
 
 
@@ -259,12 +272,12 @@ def table(c: Comparison):
 
     seeds = any(r.seed_sd is not None for r in c.rows)
     t = Table(title=c.title, caption=" ".join(c.notes) or None, caption_justify="left")
-    for col in ("metric", "A", "B", "B-A", "SE(B-A)", *(["seed sd(B-A)"] * seeds), "verdict"):
+    for col in ("metric", "A", "B", "B-A", "SE(B-A)", *(["seed sd(B-A)"] * seeds), "McNemar p", "verdict"):
         t.add_column(col, justify="left" if col in ("metric", "verdict") else "right")
     for r in c.rows:
         style = {"A better": "red", "B better": "green"}.get(r.verdict)
         t.add_row(r.metric, _fmt(r.a, r.digits), _fmt(r.b, r.digits), _fmt(r.diff, r.digits, sign=True),
-                  _fmt(r.se, 3), *([_fmt(r.seed_sd, r.digits)] * seeds), r.verdict, style=style)
+                  _fmt(r.se, 3), *([_fmt(r.seed_sd, r.digits)] * seeds), _fmt(r.p_mcnemar, 3), r.verdict, style=style)
     return t
 
 

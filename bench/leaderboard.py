@@ -9,32 +9,45 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.compare import DENSE, Z, main_acc, mean_acc_se, pooled_se, within_noise
+from bench import stats
+from bench.compare import DENSE, main_acc, mean_acc_se
+from bench.evaluate import docs as docs_io
 from bench.records import Record, latest, load_records
 
 TASK_SHORT = {"arc_easy": "ARC-e", "arc_challenge": "ARC-c", "piqa": "PIQA", "hellaswag": "HellaS",
               "winogrande": "WinoG", "boolq": "BoolQ", "openbookqa": "OBQA"}
 #: a cell whose perplexity exceeds this multiple of the dense model's is marked collapsed, not ranked
 COLLAPSE_FACTOR = 100.0
-LABELS = {"mean_acc_se": "±", "seed_sd": "seed sd", "near_best": "≈best"}  # column headers in the tables
+LABELS = {"mean_acc_se": "±", "seed_sd": "seed sd", "near_best": "≈best", "vs_best": "Δbest (paired)",
+          "kl": "KL", "kl_p99": "KL p99", "top1": "top-1 agr", "flip": "flip"}  # column headers in the tables
 
 
-def frame(records: list[Record]) -> pd.DataFrame:
-    """One row per record, with the dense row of the same model and suite as the accuracy reference."""
+def frame(records: list[Record], docs: list[dict | None] | None = None) -> pd.DataFrame:
+    """One row per record, with the dense row of the same model and suite as the accuracy reference.
+
+    ``docs[i]`` holds record i's per-document outcomes (its side file, ``bench.evaluate.docs``): the ≈best marks
+    and the flip rate are paired over those documents; without them a cell gets no mark.
+    """
+    docs = docs if docs is not None else [None] * len(records)
     dense = {}
-    for r in records:
+    for i, r in enumerate(records):
         if r.method == DENSE and r.status == "ok":
-            dense[(r.model["name"], r.suite["name"])] = r
+            dense[(r.model["name"], r.suite["name"])] = i
     rows = []
-    for r in records:
+    for i, r in enumerate(records):
         m, b = r.metrics, r.budget
-        ref = dense.get((r.model["name"], r.suite["name"]))
+        ref_i = dense.get((r.model["name"], r.suite["name"]))
+        ref = records[ref_i] if ref_i is not None else None
         mean_acc = m.get("mean_acc")
         ref_acc = ref.metrics.get("mean_acc") if ref else None
+        close = m.get("closeness") or {}
         row = {
             "model": r.model["name"], "suite": r.suite["name"], "method": r.method, "seed": r.seed,
             "target": r.target_ratio, "achieved": b.get("achieved_ratio"), "linear_ratio": b.get("linear_ratio"),
-            "budget": _budget_flag(r), "ppl": m.get("perplexity"), "mean_acc": mean_acc,
+            "budget": _budget_flag(r), "ppl": m.get("perplexity"), "kl": close.get("kl_mean"),
+            "kl_p99": close.get("kl_p99"), "top1": close.get("top1_agreement"),
+            "flip": _flip(docs[ref_i] if ref_i is not None else None, docs[i]) if r.status == "ok" else None,
+            "mean_acc": mean_acc,
             "mean_acc_se": mean_acc_se(m.get("tasks") or {}) if mean_acc is not None else None,
             "retained": mean_acc / ref_acc if mean_acc is not None and ref_acc else None,
             "params_M": (m.get("params") or b.get("params_compressed") or math.nan) / 1e6,
@@ -44,7 +57,7 @@ def frame(records: list[Record]) -> pd.DataFrame:
             "prefill_ms": m.get("prefill_ms"), "decode_tok_s": m.get("decode_tokens_per_s"),
             "compress_s": r.cost.get("compress_seconds"), "train_tokens": r.cost.get("train_tokens"),
             "status": _status(r, ref),
-            "_knobs": json.dumps(r.knob_overrides, sort_keys=True, default=str),
+            "_knobs": json.dumps(r.knob_overrides, sort_keys=True, default=str), "_row": i,
         }
         for task, res in (m.get("tasks") or {}).items():
             row[TASK_SHORT.get(task, task)] = main_acc(res)
@@ -52,11 +65,15 @@ def frame(records: list[Record]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    df = _mark_noise(df)
+    df = _mark_noise(df, docs)
     df["_dense"] = df["method"] != DENSE
     df = df.sort_values(["model", "suite", "_dense", "target", "mean_acc"], ascending=[True, True, True, True, False],
                         na_position="last")
-    return df.drop(columns=["_dense", "_knobs"]).reset_index(drop=True)
+    return df.drop(columns=["_dense", "_knobs", "_row"]).reset_index(drop=True)
+
+
+def _flip(ref: dict | None, mine: dict | None) -> float | None:
+    return stats.flip_rate(ref, mine) if ref is not None and mine is not None else None
 
 
 def _status(r: Record, ref: Record | None) -> str:
@@ -69,30 +86,52 @@ def _status(r: Record, ref: Record | None) -> str:
     return "ok"
 
 
-def _mark_noise(df: pd.DataFrame) -> pd.DataFrame:
-    """Adds ``seed_sd`` (sd of mean_acc over a cell's seeds, where it has several) and ``near_best``: at each
-    (model, suite, target), "best" for the cell (seeds averaged) with the highest mean accuracy, "≈" for every
-    cell within noise of it, "" for the rest; None for the dense model, failed cells and cells without an SE."""
+def paired_vs(a: pd.DataFrame, b: pd.DataFrame, docs: list[dict | None]) -> stats.Paired | None:
+    """Mean accuracy of cell B minus cell A, paired over documents for each seed both have (every pair of seeds
+    when they share none), seeds pooled as a second level; None when a side file is missing."""
+    seeds = sorted(set(a["seed"]) & set(b["seed"]))
+    pairs = [(a[a["seed"] == s]["_row"].iloc[0], b[b["seed"] == s]["_row"].iloc[0]) for s in seeds] or \
+        [(i, j) for i in a["_row"] for j in b["_row"]]
+    per_seed = []
+    for i, j in pairs:
+        p = stats.paired_mean(docs[i], docs[j]) if docs[i] is not None and docs[j] is not None else None
+        if p is None:
+            return None
+        per_seed.append(p)
+    return stats.over_seeds(per_seed)
+
+
+def _mark_noise(df: pd.DataFrame, docs: list[dict | None]) -> pd.DataFrame:
+    """Adds ``seed_sd`` (sd of mean_acc over a cell's seeds, where it has several), ``near_best`` and
+    ``vs_best``: at each (model, suite, target), "best" for the cell (seeds averaged) with the highest mean
+    accuracy, "≈" for every cell whose paired difference to it is within noise, "" for the rest; None for the
+    dense model, failed cells and cells without per-document outcomes. ``vs_best`` is that paired difference."""
     keys = ["model", "suite", "method", "_knobs", "target"]
     df = df.assign(mean_acc_se=pd.to_numeric(df["mean_acc_se"]))
     at = df.columns.get_loc("mean_acc_se") + 1
     df.insert(at, "seed_sd", np.nan)
     df.insert(at + 1, "near_best", None)
+    df.insert(at + 2, "vs_best", None)
     ok = df[(df["status"] == "ok") & df["mean_acc"].notna()]
     if ok.empty:
         return df
     g = ok.groupby(keys, sort=False)
-    cells = pd.DataFrame({"acc": g["mean_acc"].mean(), "sd": g["mean_acc"].std(),
-                          "se": g["mean_acc_se"].agg(lambda s: pooled_se(s.tolist()))}).reset_index()
-    cells["near_best"] = None
+    cells = pd.DataFrame({"acc": g["mean_acc"].mean(), "sd": g["mean_acc"].std()}).reset_index()
+    cells["near_best"] = cells["vs_best"] = None
+    rows_of = {k: part for k, part in g}
     for _, group in cells[cells["method"] != DENSE].groupby(["model", "suite", "target"]):
         best = group.loc[group["acc"].idxmax()]
         for i, c in group.iterrows():
-            near = within_noise(best["acc"], best["se"], c["acc"], c["se"])
-            cells.at[i, "near_best"] = "best" if i == best.name else None if near is None else "≈" if near else ""
+            if i == best.name:
+                cells.at[i, "near_best"] = "best"
+                continue
+            p = paired_vs(rows_of[tuple(best[keys])], rows_of[tuple(c[keys])], docs)
+            cells.at[i, "near_best"] = None if p is None else "≈" if p.within_noise() else ""
+            cells.at[i, "vs_best"] = None if p is None else f"{p.diff:+.3f}±{p.se:.3f}"
     marks = df[keys].merge(cells, on=keys, how="left").set_index(df.index)
     df["seed_sd"] = pd.to_numeric(marks["sd"])
     df["near_best"] = marks["near_best"].where(df.index.isin(ok.index), None)
+    df["vs_best"] = marks["vs_best"].where(df.index.isin(ok.index), None)
     return df
 
 
@@ -113,9 +152,13 @@ def noise_legend(records: list[Record]) -> str:
     return (f"± = standard error of mean_acc over the sampled documents, sqrt(sum of the tasks' SE²) / number of "
             f"tasks, from lm-eval's per-task SE; seed sd = standard deviation of mean_acc over a cell's seeds. "
             f"≈best: at each target ratio, \"best\" is the method with the highest mean accuracy (seeds averaged) "
-            f"and \"≈\" marks every method within noise of it, |difference| ≤ {Z}·sqrt(SE₁² + SE₂²) (conservative: "
-            f"all methods see the same documents); an empty mark is clearly worse. Perplexity has no error bar: "
-            f"records keep only its total NLL and token count.{docs_line}")
+            f"and \"≈\" marks every method within noise of it by a paired test on the documents both answered: "
+            f"|Δ| ≤ {stats.Z}·SE(Δ), SE(Δ) from the per-document differences (seeds paired seed by seed, their spread "
+            f"added); Δbest is that difference with its SE; an empty mark is clearly worse. KL = mean KL divergence "
+            f"of the next-token distribution from the dense model's on the perplexity windows (p99: its 99th "
+            f"percentile over positions), top-1 agr = share of positions where both predict the same token, flip = "
+            f"share of zero-shot documents whose correctness differs from the dense model's. Perplexity has no "
+            f"error bar: records keep only its total NLL and token count.{docs_line}")
 
 
 def _budget_flag(r: Record) -> str:
@@ -136,7 +179,7 @@ def _fmt(value, col: str) -> str:
         return f"{100 * value:.1f}%"
     if col == "retained":
         return f"{100 * value:.1f}%"
-    if col in ("mean_acc", "mean_acc_se", "seed_sd") or col in TASK_SHORT.values():
+    if col in ("mean_acc", "mean_acc_se", "seed_sd", "kl", "kl_p99", "top1", "flip") or col in TASK_SHORT.values():
         return f"{value:.3f}"
     if col == "ppl":
         return f"{value:.2f}" if value < 1e4 else f"{value:.3g}"
@@ -147,8 +190,8 @@ def _fmt(value, col: str) -> str:
     return str(value)
 
 
-COLUMNS = ["method", "seed", "target", "achieved", "budget", "linear_ratio", "ppl", "mean_acc", "mean_acc_se",
-           "seed_sd", "near_best", "retained",
+COLUMNS = ["method", "seed", "target", "achieved", "budget", "linear_ratio", "ppl", "kl", "kl_p99", "top1", "flip",
+           "mean_acc", "mean_acc_se", "seed_sd", "near_best", "vs_best", "retained",
            *TASK_SHORT.values(), "params_M", "weights_MB", "ckpt_MB", "peak_mem_MB", "prefill_ms", "decode_tok_s",
            "compress_s", "train_tokens", "status"]
 
@@ -182,7 +225,8 @@ def write(results_dir: str | Path, out_dir: str | Path) -> tuple[pd.DataFrame, l
     if superseded:
         problems = [*problems, f"{superseded} older record(s) of the same cells superseded by newer ones "
                                "(kept on disk; the tables show the newest)"]
-    df = frame(records)
+    docs = [docs_io.read_beside(results_dir, r) for r in records]
+    df = frame(records, docs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "leaderboard.md", out / "leaderboard.csv"]
@@ -191,11 +235,12 @@ def write(results_dir: str | Path, out_dir: str | Path) -> tuple[pd.DataFrame, l
     df.to_csv(paths[1], index=False)
     from bench import report  # matplotlib only when files are written
 
-    paths += report.write(records, out, problems)
+    paths += report.write(records, out, problems, docs)
     return df, problems, paths
 
 
-TERMINAL_COLUMNS = ["method", "seed", "target", "achieved", "budget", "ppl", "mean_acc", "mean_acc_se", "near_best",
+TERMINAL_COLUMNS = ["method", "seed", "target", "achieved", "budget", "ppl", "kl", "top1", "flip", "mean_acc",
+                    "near_best", "vs_best",
                     "retained", "params_M",
                     "ckpt_MB", "prefill_ms", "decode_tok_s", "compress_s", "status"]
 

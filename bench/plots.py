@@ -83,6 +83,21 @@ def draw_perplexity(ax: Axes, cells: pd.DataFrame) -> None:
     ax.set_ylabel("perplexity (log scale)")
 
 
+def draw_kl(ax: Axes, cells: pd.DataFrame) -> None:
+    """Mean KL to the dense model (log scale; the dense model's 0 is left out) against the achieved ratio."""
+    _by_method(ax, cells[cells["method"] != DENSE], "achieved", "kl", 100)
+    if "kl" in cells and (pd.to_numeric(cells["kl"]) > 0).any():
+        ax.set_yscale("log")
+    ax.set_xlabel("achieved ratio (% of parameters removed)")
+    ax.set_ylabel("mean KL to the dense model (nats, log scale)")
+
+
+def draw_top1(ax: Axes, cells: pd.DataFrame) -> None:
+    _by_method(ax, cells, "achieved", "top1", 100)
+    ax.set_xlabel("achieved ratio (% of parameters removed)")
+    ax.set_ylabel("top-1 agreement with the dense model")
+
+
 def draw_speed(ax: Axes, cells: pd.DataFrame) -> None:
     _by_method(ax, cells, "params_M", "decode_tok_s", 1)
     ax.set_xlabel("unique stored parameters (millions)")
@@ -142,7 +157,7 @@ def svg(fig: Figure, salt: str) -> str:
 
 
 PNGS: dict[str, Draw] = {"accuracy_vs_ratio.png": draw_accuracy, "perplexity_vs_ratio.png": draw_perplexity,
-                         "speed_vs_size.png": draw_speed}
+                         "kl_vs_ratio.png": draw_kl, "speed_vs_size.png": draw_speed}
 
 
 def write_pngs(groups: list[tuple[str, pd.DataFrame]], out_dir: Path, dpi: int = 150) -> list[Path]:

@@ -24,9 +24,10 @@ from bench.leaderboard import COLLAPSE_FACTOR, COLUMNS, DENSE, LABELS, TASK_SHOR
 from bench.records import Record
 
 KEYS = ["model", "suite", "method", "target"]
-TEXT = ["model", "suite", "method", "seed", "budget", "status", "near_best"]
+TEXT = ["model", "suite", "method", "seed", "budget", "status", "near_best", "vs_best"]
 FLOOR = 0.6  # a share of the dense accuracy at or below this is full red; 1.0 and above full green
 FIGURES = [("accuracy", plots.draw_accuracy, (6.4, 4.2)), ("perplexity", plots.draw_perplexity, (6.4, 4.2)),
+           ("kl", plots.draw_kl, (6.4, 4.2)), ("top1", plots.draw_top1, (6.4, 4.2)),
            ("speed", plots.draw_speed, (6.4, 4.2)), ("tasks", plots.draw_tasks, (9.6, 4.2))]
 
 
@@ -48,6 +49,7 @@ def cells(df: pd.DataFrame) -> pd.DataFrame:
     out["n"] = g.size()
     out["mean_acc_se"] = g["mean_acc_se"].agg(lambda s: pooled_se(s.tolist()))
     out["near_best"] = g["near_best"].first()
+    out["vs_best"] = g["vs_best"].first()
     out["budget"] = g["budget"].agg(lambda s: next((f for f in s if str(f).startswith("MISSED")), s.iloc[0]))
     out["status"] = "ok"
     failed = df[df["status"] != "ok"].assign(seeds=lambda d: d["seed"].astype(str), n=1).drop(columns="seed")
@@ -64,7 +66,7 @@ def _columns(rows: pd.DataFrame) -> list[str]:
     fixed = ["seeds" if c == "seed" else c for c in COLUMNS if c not in (*TASK_SHORT.values(), "seed_sd")]
     at = fixed.index("retained") + 1
     cols = [*fixed[:at], *plots.task_columns(rows), *fixed[at:]]
-    return [c for c in cols if c in ("method", "seeds", "budget", "status") or rows[c].notna().any()]
+    return [c for c in cols if c in ("method", "seeds", "budget", "status") or c in rows and rows[c].notna().any()]
 
 
 NO_RANGE = ("mean_acc_se",)  # the seeds' min-max is shown under the mean, except for these
@@ -81,10 +83,10 @@ def _shade(share: float) -> str:
 
 def _td(row: pd.Series, col: str, dense: pd.Series | None, tasks: list[str]) -> str:
     value = row[col]
-    if col in ("method", "budget", "status", "seeds", "near_best"):
+    if col in ("method", "budget", "status", "seeds", "near_best", "vs_best"):
         cls = {"method": "text", "budget": "flag" if str(value).startswith("MISSED") else "",
-               "status": "err text" if value != "ok" else "", "seeds": "", "near_best": ""}[col]
-        value = _fmt(value, col) if col == "near_best" else value
+               "status": "err text" if value != "ok" else "", "seeds": "", "near_best": "", "vs_best": ""}[col]
+        value = _fmt(value, col) if col in ("near_best", "vs_best") else value
         key = row["n"] if col == "seeds" else NEAR_RANK.get(row[col], "") if col == "near_best" else value
         return f'<td data-v="{escape(str(key))}" class="{cls}">{escape(str(value))}</td>'
     if value is None or not math.isfinite(value):
@@ -125,11 +127,12 @@ def _section(title: str, rows: pd.DataFrame, index: int) -> str:
             f'<div class="plots">{figures}</div></section>\n')
 
 
-def write(records: list[Record], out_dir: str | Path, problems: Iterable[str] = ()) -> list[Path]:
+def write(records: list[Record], out_dir: str | Path, problems: Iterable[str] = (),
+          docs: list[dict | None] | None = None) -> list[Path]:
     """Write ``index.html`` and the PNG figures beside it from ``records``; returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    df = frame([_labelled(r) for r in records])
+    df = frame([_labelled(r) for r in records], docs)
     groups = []
     if not df.empty:
         groups = [(f"{model} — suite {suite}", g.reset_index(drop=True))

@@ -21,8 +21,9 @@ from bench.budget import DEFAULT_TOLERANCE, budget_report, count_block_matrix_pa
 from bench.calibration import Calibration
 from bench.claims import Claims
 from bench.errors import UserError
+from bench.evaluate import docs
 from bench.evaluate.efficiency import PeakMemory, dir_size
-from bench.evaluate.suite_eval import evaluate, is_finite_result
+from bench.evaluate.suite_eval import dense_reference, evaluate, is_finite_result
 from bench.evaluate.zeroshot import resolve_tasks
 from bench.models import cache_dir, load_model
 from bench.records import Record, cell_key, environment, now, read_record, record_path, write_record
@@ -200,6 +201,7 @@ def _try_cell(cfg: RunConfig, cell: Cell, rec: Record, state: _State, instances,
                      dense_params, dense_linear)
         rec.finished = now()
         try:
+            docs.write_beside(cfg.results_dir, rec)  # before the record: a complete record has its side file
             path = write_record(cfg.results_dir, rec)
         except OSError as err:
             raise UserError(f"could not write the record of {cell.method} at {cell.ratio} to {path.parent} "
@@ -220,6 +222,8 @@ def _compute(cfg: RunConfig, cell: Cell, rec: Record, state: _State, inst: Metho
     else:
         model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.cache).model
     try:
+        reference = dense_reference(model, state.loaded.tokenizer, get_adapter(model), cfg.suite,  # model is dense here
+                                    None if cfg.no_cache else cache_dir(cfg.cache), model_key)
         if inst is not None:
             if cell.seed not in state.calibrations or cfg.no_cache:
                 events.cell(cell, "calibration data")
@@ -233,7 +237,8 @@ def _compute(cfg: RunConfig, cell: Cell, rec: Record, state: _State, inst: Metho
         rec.budget = vars(budget_report(dense_params, dense_linear, cell_adapter, cell.ratio, cfg.tolerance,
                                         rec.solution.get("predicted_params")))
         rec.metrics = evaluate(model, state.loaded.tokenizer, cell_adapter, cfg.suite,
-                               progress=lambda step, c=cell: events.cell(c, step), seed=1234)
+                               progress=lambda step, c=cell: events.cell(c, step), seed=1234,
+                               reference=reference)
         if not is_finite_result(rec.metrics):
             rec.status, rec.error = "failed", f"perplexity is {rec.metrics.get('perplexity')}: the model collapsed"
         events.cell(cell, "saving")

@@ -152,7 +152,7 @@ def test_accuracy_is_coloured_by_the_share_of_dense_accuracy_kept(board):
 
 def test_page_is_self_contained(board):
     html = (board / "index.html").read_text()
-    assert html.count("<svg") == 8  # four figures per (model, suite)
+    assert html.count("<svg") == 12  # six figures per (model, suite)
     assert "http://" not in html and "https://" not in html and "@import" not in html
     assert not re.search(r"url\((?!#)", html)  # CSS url() only to the SVGs' own clip paths
     assert "<link" not in html and "<script src" not in html and "<img" not in html
@@ -175,7 +175,7 @@ def _attrs(tag: str):
 def test_pngs_are_valid_images_with_content(board):
     from matplotlib.image import imread
 
-    for name in ("accuracy_vs_ratio.png", "perplexity_vs_ratio.png", "speed_vs_size.png"):
+    for name in ("accuracy_vs_ratio.png", "perplexity_vs_ratio.png", "kl_vs_ratio.png", "speed_vs_size.png"):
         width, height = _png_size(board / name)
         assert width > 2 * height > 600  # two (model, suite) panels side by side
         pixels = imread(board / name)

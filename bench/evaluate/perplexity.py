@@ -16,12 +16,14 @@ def perplexity(
     windows: torch.Tensor,
     batch_size: int = 4,
     progress: Callable[[int], None] | None = None,
+    observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict:
     """exp(mean next-token NLL) over `windows` [n, L]; each window scores its tokens 1..L-1.
 
     Returns `perplexity`, `nll` (mean per predicted token, nats), `tokens` and `windows`. A
     model that produces NaN or inf logits yields NaN or inf rather than an exception.
-    `progress(k)` is called after each batch with the number of windows just scored.
+    `progress(k)` is called after each batch with the number of windows just scored; `observe(logits, batch)`
+    sees each batch's logits in window order (closeness to the dense model rides on this same forward).
     """
     if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
         raise UserError(f"perplexity needs windows of shape [n >= 1, L >= 2], got {tuple(windows.shape)}")
@@ -34,6 +36,8 @@ def perplexity(
             for start in range(0, len(windows), batch_size):
                 batch = windows[start : start + batch_size].to(device)
                 logits = model(input_ids=batch, use_cache=False).logits
+                if observe is not None:
+                    observe(logits, batch)
                 for row, ids in zip(logits, batch, strict=True):
                     token_nll = F.cross_entropy(row[:-1].float(), ids[1:], reduction="none")
                     nll_sum += token_nll.double().sum().cpu()

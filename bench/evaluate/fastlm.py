@@ -1,0 +1,139 @@
+"""lm-eval's HFLM with a faster ``loglikelihood``: each shared context is run once for all its choices.
+
+Stock HFLM runs context + continuation once per choice, so a 4-choice HellaSwag question pushes its context
+through the model four times. Here requests are grouped by context; a batch of contexts (length-sorted, left
+padded, as many as fit a token budget) runs once with the KV cache, the cache rows are repeated per choice,
+and every choice's continuation runs in one more forward on top. The scores are the same log-likelihoods
+and greedy flags stock HFLM returns (tested to float tolerance), so lm-eval's metrics are unchanged.
+Requests longer than the model's context window go to stock HFLM, which truncates them its own way.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from lm_eval.models.huggingface import HFLM
+
+from bench.models import kv_cache_kwarg, returned_kv_cache
+
+TOKENS_PER_BATCH = 2048  # context tokens per forward, padding included: past this a CPU gains nothing
+
+Request = tuple[tuple[str, str] | None, list[int], list[int]]
+
+
+def batches_by_tokens(lengths: list[int], budget: int, max_rows: int) -> list[list[int]]:
+    """Indices of ``lengths`` sorted longest first, cut into batches whose rows x longest stays within budget."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out: list[list[int]] = []
+    for i in order:
+        if out and len(out[-1]) < max_rows and (len(out[-1]) + 1) * lengths[out[-1][0]] <= budget:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def buckets_by_length(lengths: list[int], keep: float = 0.7) -> list[list[int]]:
+    """Indices of the non-zero ``lengths``, longest first, cut where a row would be under ``keep`` of its bucket's
+    longest: continuations of very different lengths do not pad each other."""
+    order = [i for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]) if lengths[i] > 0]
+    out: list[list[int]] = []
+    for i in order:
+        if out and lengths[i] >= keep * lengths[out[-1][0]]:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+class SharedContextLM(HFLM):
+    """HFLM whose ``_loglikelihood_tokens`` runs each distinct context once (see the module docstring)."""
+
+    tokens_per_batch = TOKENS_PER_BATCH
+    stats: dict[str, int]
+
+    def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
+                              override_bs: int | None = None) -> list[tuple[float, bool]]:
+        self.stats = getattr(self, "stats", None) or {"tokens": 0, "padded": 0, "forwards": 0}
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        stock = []
+        for i, (_, ctx, cont) in enumerate(requests):
+            if not ctx or not cont or len(ctx) + len(cont) > self.max_length:
+                stock.append(i)
+            else:
+                groups.setdefault(tuple(ctx), []).append(i)
+        if stock:
+            answers = super()._loglikelihood_tokens([requests[i] for i in stock], True, override_bs)
+            for i, answer in zip(stock, answers, strict=True):
+                out[i] = answer
+        contexts = list(groups)
+        max_rows = max(1, int(self.batch_size)) if str(self.batch_size).isdigit() else 64
+        for batch in batches_by_tokens([len(c) for c in contexts], self.tokens_per_batch, max_rows):
+            chosen = [contexts[b] for b in batch]
+            answers = self._score([list(c) for c in chosen], [[requests[i][2] for i in groups[c]] for c in chosen])
+            for c, group_answers in zip(chosen, answers, strict=True):
+                for i, answer in zip(groups[c], group_answers, strict=True):
+                    out[i] = answer
+                    if requests[i][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _score(self, contexts: list[list[int]], choices: list[list[list[int]]]) -> list[list[tuple[float, bool]]]:
+        """Sum of log-probs and greedy flag of every choice's tokens after its context."""
+        model, dev = self.model, self.device
+        width = max(map(len, contexts))
+        ids = torch.zeros(len(contexts), width, dtype=torch.long)
+        mask = torch.zeros(len(contexts), width, dtype=torch.long)
+        for b, ctx in enumerate(contexts):
+            ids[b, width - len(ctx):] = torch.tensor(ctx)
+            mask[b, width - len(ctx):] = 1
+        position = (mask.cumsum(-1) - 1).clamp_min(0)
+        first = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=position.to(dev),
+                      use_cache=True)
+        self._count(mask, 1)
+        head = torch.log_softmax(first.logits[:, -1].float(), dim=-1)  # predicts each choice's first token
+        rows = [(b, cont) for b, conts in enumerate(choices) for cont in conts]
+        tails: dict[int, torch.Tensor] = {}  # row -> log-probs of its continuation's later tokens
+        cache = returned_kv_cache(first)
+        for bucket in buckets_by_length([len(cont) - 1 for _, cont in rows]):
+            tails.update(zip(bucket, self._continue(cache, mask, [rows[r] for r in bucket], contexts), strict=True))
+        answers: list[list[tuple[float, bool]]] = [[] for _ in contexts]
+        for r, (b, cont) in enumerate(rows):
+            target = torch.tensor(cont, device=dev)
+            lp = head[b, target[0]].clone().unsqueeze(0)
+            greedy = head[b].argmax() == target[0]
+            if len(cont) > 1:
+                steps = tails[r]
+                lp = torch.cat([lp, steps.gather(-1, target[1:].unsqueeze(-1)).squeeze(-1)])
+                greedy = greedy & (steps.argmax(-1) == target[1:]).all()
+            answers[b].append((float(lp.sum()), bool(greedy)))
+        return answers
+
+    def _continue(self, cache, mask: torch.Tensor, rows: list[tuple[int, list[int]]],
+                  contexts: list[list[int]]) -> list[torch.Tensor]:
+        """Log-probs [len(cont) - 1, V] predicting each row's later continuation tokens, in one forward on a copy
+        of the contexts' KV cache with a row per continuation."""
+        dev, longest = self.device, max(len(cont) - 1 for _, cont in rows)
+        mine = copy.deepcopy(cache)
+        mine.batch_select_indices(torch.tensor([b for b, _ in rows], device=dev))
+        inp = torch.zeros(len(rows), longest, dtype=torch.long)
+        more = torch.zeros(len(rows), longest, dtype=torch.long)
+        for r, (_, cont) in enumerate(rows):
+            inp[r, : len(cont) - 1] = torch.tensor(cont[:-1])
+            more[r, : len(cont) - 1] = 1
+        starts = torch.tensor([len(contexts[b]) for b, _ in rows]).unsqueeze(1)
+        full_mask = torch.cat([mask[[b for b, _ in rows]], more], dim=1)
+        logits = self.model(input_ids=inp.to(dev), attention_mask=full_mask.to(dev),
+                            position_ids=(starts + torch.arange(longest)).to(dev), use_cache=True,
+                            **{kv_cache_kwarg(self.model): mine}).logits.float()
+        self._count(more, 1)
+        logp = logits - logits.logsumexp(-1, keepdim=True)
+        return [logp[r, : len(cont) - 1] for r, (_, cont) in enumerate(rows)]
+
+    def _count(self, mask: torch.Tensor, forwards: int) -> None:
+        self.stats["tokens"] += int(mask.sum())
+        self.stats["padded"] += int(mask.numel())
+        self.stats["forwards"] += forwards

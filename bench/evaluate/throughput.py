@@ -1,0 +1,95 @@
+"""``bench throughput``: what evaluation pushes through the model against the raw batched forward, in one run.
+
+Zero-shot runs through lm-eval with ``SharedContextLM`` (and, with ``--stock``, with stock HFLM too); its
+tokens (real and padded) are counted in the model's forward. Then the same model runs full batches of random
+tokens for the raw tokens/s. The ratio says how close evaluation comes to the hardware's speed.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from bench.evaluate import zeroshot
+
+
+@dataclass
+class Counter:
+    """Wraps a model's forward: tokens it saw (attention mask sum), padded tokens, calls and seconds."""
+
+    tokens: int = 0
+    padded: int = 0
+    calls: int = 0
+    seconds: float = 0.0
+
+    def wrap(self, model: torch.nn.Module):
+        original = model.forward
+
+        @functools.wraps(original)  # keeps the signature, which kv_cache_kwarg reads
+        def forward(*args, **kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            mask = kwargs.get("attention_mask")
+            t0 = time.perf_counter()
+            out = original(*args, **kwargs)
+            self.seconds += time.perf_counter() - t0
+            self.calls += 1
+            self.padded += ids.numel()
+            self.tokens += int(mask[:, -ids.shape[1]:].sum()) if mask is not None else ids.numel()
+            return out
+
+        model.forward = forward
+        return original
+
+
+def raw_forward(model: torch.nn.Module, vocab: int, batch: int, seq_len: int, repeats: int) -> float:
+    """Tokens/s of full [batch, seq_len] forwards of random tokens, after one warm-up."""
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(next(model.parameters()).device)
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=False)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            model(input_ids=ids, use_cache=False)
+        return repeats * ids.numel() / (time.perf_counter() - t0)
+
+
+def measure(model, tokenizer, tasks: list[str], limit: int, stock: bool, batch: int = 8, seq_len: int = 256,
+            repeats: int = 3) -> dict:
+    """Zero-shot wall time and tokens for each backend, and the raw forward tokens/s measured before and after
+    (their mean, so that a machine whose load changes during the run is not compared at one moment only)."""
+    raw_before = raw_forward(model, len(tokenizer), batch, seq_len, repeats)
+    out = {}
+    for name, use_stock in ([("stock HFLM", True)] if stock else []) + [("SharedContextLM", False)]:
+        counter = Counter()
+        original = counter.wrap(model)
+        t0 = time.perf_counter()
+        try:
+            zeroshot.zero_shot(model, tokenizer, tasks, limit, stock_lm=use_stock)
+        finally:
+            model.forward = original
+        wall = time.perf_counter() - t0
+        out[name] = {"wall_s": wall, "forward_s": counter.seconds, "tokens": counter.tokens,
+                     "padded_tokens": counter.padded, "forwards": counter.calls,
+                     "eval_tokens_per_s": counter.tokens / wall}
+    raw_after = raw_forward(model, len(tokenizer), batch, seq_len, repeats)
+    out["raw_tokens_per_s"] = (raw_before + raw_after) / 2
+    out["raw_spread"] = (raw_before, raw_after)
+    return out
+
+
+def report(fig: dict) -> str:
+    lines = []
+    raw = fig["raw_tokens_per_s"]
+    for name, f in fig.items():
+        if name in ("raw_tokens_per_s", "raw_spread"):
+            continue
+        lines.append(f"{name}: {f['wall_s']:.1f} s for zero-shot ({f['forward_s']:.1f} s in forward), {f['forwards']} "
+                     f"forwards, {f['tokens']:,} tokens ({f['padded_tokens']:,} with padding, "
+                     f"{100 * f['tokens'] / max(f['padded_tokens'], 1):.0f} % useful); evaluation {f['eval_tokens_per_s']:.0f} "
+                     f"tokens/s = {100 * f['eval_tokens_per_s'] / raw:.0f} % of raw")
+    before, after = fig["raw_spread"]
+    lines.append(f"raw batched forward: {raw:.0f} tokens/s (before {before:.0f}, after {after:.0f})")
+    return "\n".join(lines)
