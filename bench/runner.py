@@ -176,7 +176,6 @@ class _State:
     claims: Claims
     model: object = None
     used_loaded: bool = False
-    computed: int = 0
 
 
 def _try_cell(cfg: RunConfig, cell: Cell, rec: Record, state: _State, instances, solutions, refused, model_key: str,
@@ -209,7 +208,6 @@ def _try_cell(cfg: RunConfig, cell: Cell, rec: Record, state: _State, instances,
                             "again (finished cells are kept)") from None
     finally:
         state.claims.release(path)
-    state.computed += 1
     events.done(cell, rec, path, reused=False)
     return rec
 

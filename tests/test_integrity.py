@@ -29,6 +29,24 @@ def _by_method(results):
     return {r.method: r for r in recs}, problems
 
 
+def _in_threads(work, n: int) -> list[Exception]:
+    """Run ``work`` in ``n`` threads at once; the exceptions they raised."""
+    errors: list[Exception] = []
+
+    def guarded():
+        try:
+            work()
+        except Exception as err:  # noqa: BLE001 - collected for the assertion
+            errors.append(err)
+
+    threads = [threading.Thread(target=guarded) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
 @pytest.fixture
 def model_copy(tmp_path, tiny_model_dir):
     return shutil.copytree(tiny_model_dir, tmp_path / "model")
@@ -117,19 +135,8 @@ def test_concurrent_dequantisations_both_succeed(tmp_path, tiny_model_dir, monke
     monkeypatch.setattr(models, "_dequantise", fake_dequantise)
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF" + bytes(64))
-    out, errors = [], []
-
-    def work():
-        try:
-            out.append(models._dequantised_cache(gguf, tmp_path / "cache"))
-        except Exception as err:  # noqa: BLE001
-            errors.append(err)
-
-    threads = [threading.Thread(target=work) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    out = []
+    errors = _in_threads(lambda: out.append(models._dequantised_cache(gguf, tmp_path / "cache")), 2)
     assert not errors and len(out) == 2 and out[0] == out[1]
     assert integrity.verify_manifest(out[0]) is None
 
@@ -149,20 +156,12 @@ def test_other_settings_get_their_own_record_and_checkpoint(tmp_path, tiny_model
 
 def test_concurrent_checkpoint_saves_to_one_folder_all_succeed(tmp_path, tiny_tokenizer):
     model = make_tiny("llama", vocab_size=len(tiny_tokenizer))
-    errors = []
 
     def save():
-        try:
-            for _ in range(5):
-                checkpoint.save(model, None, tmp_path / "ck")
-        except Exception as err:  # noqa: BLE001
-            errors.append(err)
+        for _ in range(5):
+            checkpoint.save(model, None, tmp_path / "ck")
 
-    threads = [threading.Thread(target=save) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = _in_threads(save, 8)
     assert not errors, errors[:2]
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == sorted([checkpoint.META, checkpoint.WEIGHTS])
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # nothing left aside
