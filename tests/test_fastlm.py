@@ -25,11 +25,18 @@ def _requests(vocab: int, seed: int = 0) -> list:
     return out
 
 
-def test_scores_equal_stock_hflm_on_every_family(family, tiny_tokenizer) -> None:
+@pytest.mark.parametrize("path", ["packed", "kv_cache"])
+def test_scores_equal_stock_hflm_on_every_family(family, tiny_tokenizer, path, monkeypatch) -> None:
+    """Both scoring paths; the tiny models' 8-token sliding windows are far shorter than the rows, so the
+    packed mask's windowed kinds are exercised (qwen2, gemma2/3 mixed by layer type, mistral all sliding)."""
     from lm_eval.models.huggingface import HFLM
 
     model = make_tiny(family, vocab_size=len(tiny_tokenizer))
     lm = fastlm.SharedContextLM(pretrained=model, tokenizer=tiny_tokenizer, batch_size=4)
+    if path == "kv_cache":
+        monkeypatch.setattr(fastlm.packing, "mask_layout", lambda model: None)
+    else:
+        assert fastlm.packing.mask_layout(model) is not None
     reqs = _requests(len(tiny_tokenizer))
     ours = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
     stock = HFLM._loglikelihood_tokens(lm, reqs, disable_tqdm=True)
@@ -40,6 +47,17 @@ def test_scores_equal_stock_hflm_on_every_family(family, tiny_tokenizer) -> None
     assert lm.stats["tokens"] == sum(len(c) for c in {tuple(c) for _, c, _ in reqs if len(c) < 256}) + \
         sum(len(x) - 1 for _, c, x in reqs if len(c) < 256) and lm.stats["tokens"] < stock_tokens
     assert shared_contexts == 9
+    batches = len(fastlm.batches_by_tokens([1] * shared_contexts, fastlm.TOKENS_PER_BATCH, fastlm.PACKED_ROWS))
+    assert path == "kv_cache" or lm.stats["forwards"] == batches == 1  # one forward for all nine contexts
+
+
+def test_packed_row_layout_and_targets() -> None:
+    from bench.evaluate import packing
+
+    tokens, positions, segments = packing.row([7, 8, 9], [[1, 2, 3], [4], [5, 6]])
+    assert tokens == [7, 8, 9, 1, 2, 5] and positions == [0, 1, 2, 3, 4, 3] and segments == [0, 0, 0, 1, 1, 3]
+    assert packing.targets([7, 8, 9], [[1, 2, 3], [4], [5, 6]]) == [[(2, 1), (3, 2), (4, 3)], [(2, 4)],
+                                                                   [(2, 5), (5, 6)]]
 
 
 def test_batches_by_tokens_sorts_longest_first_within_the_budget() -> None:
@@ -89,3 +107,18 @@ def test_throughput_counter_counts_real_and_padded_tokens() -> None:
     model.forward = original
     assert (counter.tokens, counter.padded, counter.calls) == (7 + 3, 10 + 3, 2)
     assert throughput.raw_forward(model, 384, batch=2, seq_len=8, repeats=1) > 0
+
+
+def test_throughput_counter_counts_real_tokens_of_a_packed_mask() -> None:
+    import torch
+
+    from bench.evaluate import packing, throughput
+
+    rows = [packing.row([7, 8, 9], [[1, 2], [3]]), packing.row([4], [[5, 6, 7]])]  # 4 and 3 real tokens
+    positions = torch.zeros(2, 4, dtype=torch.long)
+    segments = torch.full((2, 4), -1, dtype=torch.long)
+    for b, (tokens, pos, seg) in enumerate(rows):
+        positions[b, : len(tokens)], segments[b, : len(tokens)] = torch.tensor(pos), torch.tensor(seg)
+    for kinds in [(packing.FULL,), (packing.FULL, packing.SLIDING)]:
+        mask = packing.attention_mask(positions, segments, kinds, 2, torch.float32)
+        assert throughput.real_tokens(mask, torch.zeros(2, 4, dtype=torch.long)) == 4 + 3

@@ -1,23 +1,30 @@
 """lm-eval's HFLM with a faster ``loglikelihood``: each shared context is run once for all its choices.
 
 Stock HFLM runs context + continuation once per choice, so a 4-choice HellaSwag question pushes its context
-through the model four times. Here requests are grouped by context; a batch of contexts (length-sorted, left
-padded, as many as fit a token budget) runs once with the KV cache, the cache rows are repeated per choice,
-and every choice's continuation runs in one more forward on top. The scores are the same log-likelihoods
-and greedy flags stock HFLM returns (tested to float tolerance), so lm-eval's metrics are unchanged.
-Requests longer than the model's context window go to stock HFLM, which truncates them its own way.
+through the model four times. Here requests are grouped by context. Where the model takes a custom 4-D
+attention mask (sdpa or eager attention, full or sliding layers), a context and all its choices are packed
+into one row (``packing``) and a batch of rows, length-sorted within a token budget, is scored in ONE forward.
+Otherwise a batch of contexts (left padded) runs once with the KV cache, the cache rows are repeated per
+choice, and the continuations run in one more forward per length bucket. Either way the scores are the
+log-likelihoods and greedy flags stock HFLM returns (tested to float tolerance on every family), so lm-eval's
+metrics are unchanged. Requests longer than the model's context window go to stock HFLM, which truncates
+them its own way.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from lm_eval.models.huggingface import HFLM
 
+from bench.evaluate import packing
 from bench.models import kv_cache_kwarg, returned_kv_cache
 
-TOKENS_PER_BATCH = 2048  # context tokens per forward, padding included: past this a CPU gains nothing
+TOKENS_PER_BATCH = 2048  # tokens per forward, padding included: past this a CPU gains nothing
+GPU_TOKENS_PER_BATCH = 16384  # a GPU needs more to fill; the logits kept are gathered, not all held in float32
+PACKED_ROWS = 512  # rows per packed forward; the token budget is what binds
 
 Request = tuple[tuple[str, str] | None, list[int], list[int]]
 
@@ -69,16 +76,57 @@ class SharedContextLM(HFLM):
             for i, answer in zip(stock, answers, strict=True):
                 out[i] = answer
         contexts = list(groups)
-        max_rows = max(1, int(self.batch_size)) if str(self.batch_size).isdigit() else 64
-        for batch in batches_by_tokens([len(c) for c in contexts], self.tokens_per_batch, max_rows):
+        layout = packing.mask_layout(self.model)
+        if layout is not None:
+            lengths = [len(c) + sum(len(requests[i][2]) - 1 for i in groups[c]) for c in contexts]
+            max_rows, score = PACKED_ROWS, functools.partial(self._score_packed, kinds=layout)
+        else:
+            lengths = [len(c) for c in contexts]
+            max_rows = max(1, int(self.batch_size)) if str(self.batch_size).isdigit() else 64
+            score = self._score
+        budget = self.tokens_per_batch if self.device.type != "cuda" else GPU_TOKENS_PER_BATCH
+        for batch in batches_by_tokens(lengths, budget, max_rows):
             chosen = [contexts[b] for b in batch]
-            answers = self._score([list(c) for c in chosen], [[requests[i][2] for i in groups[c]] for c in chosen])
+            answers = score([list(c) for c in chosen], [[requests[i][2] for i in groups[c]] for c in chosen])
             for c, group_answers in zip(chosen, answers, strict=True):
                 for i, answer in zip(groups[c], group_answers, strict=True):
                     out[i] = answer
                     if requests[i][0] is not None:
                         self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
         return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _score_packed(self, contexts: list[list[int]], choices: list[list[list[int]]],
+                      kinds: tuple[str, ...]) -> list[list[tuple[float, bool]]]:
+        """Every context with all its choices, one packed row each (``packing``), in one forward."""
+        model, dev = self.model, self.device
+        rows = [packing.row(c, x) for c, x in zip(contexts, choices, strict=True)]
+        width = max(len(tokens) for tokens, _, _ in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        positions = torch.zeros(len(rows), width, dtype=torch.long)
+        segments = torch.full((len(rows), width), -1, dtype=torch.long)
+        for b, (tokens, pos, seg) in enumerate(rows):
+            ids[b, : len(tokens)], positions[b, : len(tokens)] = torch.tensor(tokens), torch.tensor(pos)
+            segments[b, : len(tokens)] = torch.tensor(seg)
+        mask = packing.attention_mask(positions, segments, kinds, getattr(model.config, "sliding_window", None),
+                                      model.dtype)
+        mask = {k: m.to(dev) for k, m in mask.items()} if isinstance(mask, dict) else mask.to(dev)
+        hidden = model(input_ids=ids.to(dev), attention_mask=mask, position_ids=positions.to(dev),
+                       use_cache=False).logits
+        self._count(segments >= 0, 1)
+        picks = [(b, j, i, t) for b, (c, x) in enumerate(zip(contexts, choices, strict=True))
+                 for j, choice in enumerate(packing.targets(c, x)) for i, t in choice]
+        where = torch.tensor([[b, i] for b, _, i, _ in picks], device=dev)
+        logits = hidden[where[:, 0], where[:, 1]].float()
+        target = torch.tensor([t for *_, t in picks], device=dev)
+        logp = logits.gather(-1, target[:, None]).squeeze(-1) - logits.logsumexp(-1)
+        hit = logits.argmax(-1) == target
+        totals: dict[tuple[int, int], list] = {}
+        for (b, j, _, _), lp, h in zip(picks, logp.tolist(), hit.tolist(), strict=True):
+            acc = totals.setdefault((b, j), [0.0, True])
+            acc[0] += lp
+            acc[1] = acc[1] and h
+        return [[(totals[b, j][0], totals[b, j][1]) for j in range(len(x))] for b, x in enumerate(choices)]
 
     @torch.inference_mode()
     def _score(self, contexts: list[list[int]], choices: list[list[list[int]]]) -> list[list[tuple[float, bool]]]:
@@ -134,6 +182,6 @@ class SharedContextLM(HFLM):
         return [logp[r, : len(cont) - 1] for r, (_, cont) in enumerate(rows)]
 
     def _count(self, mask: torch.Tensor, forwards: int) -> None:
-        self.stats["tokens"] += int(mask.sum())
+        self.stats["tokens"] += int(mask.sum())  # a 0/1 or boolean mask of the real tokens
         self.stats["padded"] += int(mask.numel())
         self.stats["forwards"] += forwards

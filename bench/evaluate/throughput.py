@@ -37,11 +37,25 @@ class Counter:
             self.seconds += time.perf_counter() - t0
             self.calls += 1
             self.padded += ids.numel()
-            self.tokens += int(mask[:, -ids.shape[1]:].sum()) if mask is not None else ids.numel()
+            self.tokens += real_tokens(mask, ids)
             return out
 
         model.forward = forward
         return original
+
+
+def real_tokens(mask, ids: torch.Tensor) -> int:
+    """Real (not padding) tokens of a forward: the 2-D mask's sum, or for a packed 4-D additive mask
+    (``packing.attention_mask``, a dict of them per layer kind) every query that sees more than itself plus each
+    row's first token (a pad sees only itself)."""
+    if mask is None:
+        return ids.numel()
+    if isinstance(mask, dict):
+        mask = next(iter(mask.values()))
+    if mask.dim() == 2:
+        return int(mask[:, -ids.shape[1]:].sum())
+    sees = (mask[:, 0] == 0).sum(-1)
+    return int((sees > 1).sum()) + mask.shape[0]
 
 
 def raw_forward(model: torch.nn.Module, vocab: int, batch: int, seq_len: int, repeats: int) -> float:
