@@ -282,7 +282,9 @@ def cmd_run(args, cfg=None) -> int:
     for line in problems:
         console.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
     keys = {r.key for r in records}
-    mine = leaderboard.frame(records)
+    from bench.evaluate import docs as docs_io
+
+    mine = leaderboard.frame(records, [docs_io.read_beside(args.results_dir, r) for r in records])
     console.print(leaderboard.rich_table(mine, title=f"{records[0].model['name']} — suite {cfg.suite.name}"))
     computed = getattr(events, "counts", {}).get("ok", 0) + getattr(events, "counts", {}).get("failed", 0)
     console.print(f"records in {args.results_dir}/, leaderboard in {', '.join(map(str, paths))}; "

@@ -117,3 +117,13 @@ def test_rerun_reuses_complete_records_and_survives_a_corrupt_file(tmp_path, tin
     assert main(["leaderboard", "--results-dir", str(tmp_path / "results"), "--out", str(tmp_path / "lb2")]) == 0
     csv = (tmp_path / "lb2" / "leaderboard.csv").read_text()
     assert csv.count("test-droplast") == 1 and csv.count("dense") == 1
+
+
+def test_run_table_shows_the_paired_flip_rate(tmp_path, tiny_model_dir, plugins, capsys):
+    """The table `bench run` prints reads the cells' per-document side files, as the leaderboard does."""
+    import pandas as pd
+
+    assert _run(tmp_path, tiny_model_dir, "--methods", "test-droplast", "--ratio", "0.2") == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("│ test-droplast"))
+    flip = pd.read_csv(tmp_path / "lb" / "leaderboard.csv").set_index("method").loc["test-droplast", "flip"]
+    assert flip == flip and f"{flip:.3f}" in row.split("│")[9]  # a number, not the "-" of a missing side file
