@@ -194,17 +194,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_throughput(args) -> int:
+    from bench.adapters import get_adapter
     from bench.evaluate import throughput
+    from bench.evaluate.suite_eval import _windows
     from bench.evaluate.zeroshot import resolve_tasks
     from bench.models import load_model
-    from bench.suites import TASKS
+    from bench.suites import TASKS, get_suite
 
     tasks = args.tasks.split(",") if args.tasks else list(TASKS)
     resolve_tasks(tasks)
     if args.limit < 1:
         raise UserError(f"--limit {args.limit}: give a positive number of documents per task")
     loaded = load_model(args.model, "auto", "auto", args.cache_dir)
-    print(throughput.report(throughput.measure(loaded.model, loaded.tokenizer, tasks, args.limit, args.stock)))
+    windows = _windows(loaded.tokenizer, get_adapter(loaded.model), get_suite("quick"))
+    print(throughput.report(throughput.measure(loaded.model, loaded.tokenizer, tasks, args.limit, args.stock,
+                                               windows=windows)))
     return 0
 
 

@@ -236,7 +236,7 @@ def _compute(cfg: RunConfig, cell: Cell, rec: Record, state: _State, inst: Metho
                                         rec.solution.get("predicted_params")))
         rec.metrics = evaluate(model, state.loaded.tokenizer, cell_adapter, cfg.suite,
                                progress=lambda step, c=cell: events.cell(c, step), seed=1234,
-                               reference=reference)
+                               reference=reference, dense=inst is None)
         if not is_finite_result(rec.metrics):
             rec.status, rec.error = "failed", f"perplexity is {rec.metrics.get('perplexity')}: the model collapsed"
         events.cell(cell, "saving")

@@ -52,6 +52,13 @@ def test_kl_grows_with_a_perturbation_and_agreement_falls() -> None:
     assert got["kl_mean"] > 1e-4 and got["kl_p99"] >= got["kl_mean"] and got["top1_agreement"] < 1.0
 
 
+def test_the_reference_pass_gives_the_dense_models_own_perplexity_and_closeness(family) -> None:
+    model = make_tiny(family)
+    ref = closeness.dense_reference(model, WINDOWS, 2, None, f"own-{family}")
+    assert ref.dense_eval["perplexity"] == perplexity(model, WINDOWS, batch_size=2)
+    assert ref.dense_eval["closeness"] == {**_closeness(model, ref), "reference": ref.dense_eval["closeness"]["reference"]}
+
+
 def test_the_reference_is_reused_from_memory_then_from_disk(tmp_path, monkeypatch) -> None:
     model = make_tiny("llama")
     calls = []
@@ -68,6 +75,7 @@ def test_the_reference_is_reused_from_memory_then_from_disk(tmp_path, monkeypatc
     assert first.logp.shape == (3 * 23, min(closeness.TOPK, 384))
     assert first.tail_ids.shape == (3 * 23, closeness.TAIL_SAMPLES)
     assert torch.equal(first.tail_ids, third.tail_ids)
+    assert first.dense_eval is not None and second.dense_eval is None and third.dense_eval is None
 
 
 def test_a_run_writes_side_files_with_one_sample_and_reuses_the_reference(tmp_path, tiny_model_dir, plugins):  # noqa: F811
@@ -81,11 +89,15 @@ def test_a_run_writes_side_files_with_one_sample_and_reuses_the_reference(tmp_pa
     assert sources == ["computed", "memory", "memory"]
     dense = by["dense", 0.0].metrics
     assert dense["closeness"]["top1_agreement"] == 1.0 and abs(dense["closeness"]["kl_mean"]) < 1e-6
+    assert dense["perplexity_detail"]["pass"] == "shared with the dense reference's forward"
+    assert "pass" not in by["test-droplast", 0.2].metrics["perplexity_detail"]
     side = {k: docs.read(docs.docs_path(record_path(tmp_path / "results", r)), r.key) for k, r in by.items()}
     ids = {k: s["arc_easy"]["doc_id"] for k, s in side.items()}
     assert len(set(map(tuple, ids.values()))) == 1 and len(ids["dense", 0.0]) == 4  # the same 4 documents
     sample = dense["zero_shot_config"]["sample"]["tasks"]["sb_arc_easy"]
     assert sample["n"] == 4 and sample["stratified"] and sample["population"] == 570
+    import hashlib  # the side file's doc ids are the sampled documents' indices in the task, not 0..3
+    assert hashlib.sha256(",".join(map(str, ids["dense", 0.0])).encode()).hexdigest()[:16] == sample["ids_sha256"]
     assert dense["zero_shot_docs"]["docs"] == {"arc_easy": 4} and "tasks" not in dense["zero_shot_docs"]
     correct = side["dense", 0.0]["arc_easy"]["correct"]
     assert sum(correct) / 4 == dense["tasks"]["arc_easy"][dense["tasks"]["arc_easy"]["main"]]

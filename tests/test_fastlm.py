@@ -7,6 +7,7 @@ import random
 import pytest
 
 from bench.evaluate import fastlm, zeroshot
+from bench.evaluate import sample as doc_sample
 from tests.conftest import make_tiny
 from tests.test_evaluate import smol  # noqa: F401  the real SmolLM2 fixture
 
@@ -47,17 +48,20 @@ def test_scores_equal_stock_hflm_on_every_family(family, tiny_tokenizer, path, m
     assert lm.stats["tokens"] == sum(len(c) for c in {tuple(c) for _, c, _ in reqs if len(c) < 256}) + \
         sum(len(x) - 1 for _, c, x in reqs if len(c) < 256) and lm.stats["tokens"] < stock_tokens
     assert shared_contexts == 9
-    batches = len(fastlm.batches_by_tokens([1] * shared_contexts, fastlm.TOKENS_PER_BATCH, fastlm.PACKED_ROWS))
-    assert path == "kv_cache" or lm.stats["forwards"] == batches == 1  # one forward for all nine contexts
+    assert path == "kv_cache" or lm.stats["forwards"] == 1  # one forward for all nine contexts
+    assert path == "kv_cache" or lm.stats["padded"] < 1.1 * lm.stats["tokens"]  # groups share rows
 
 
 def test_packed_row_layout_and_targets() -> None:
     from bench.evaluate import packing
 
-    tokens, positions, segments = packing.row([7, 8, 9], [[1, 2, 3], [4], [5, 6]])
-    assert tokens == [7, 8, 9, 1, 2, 5] and positions == [0, 1, 2, 3, 4, 3] and segments == [0, 0, 0, 1, 1, 3]
-    assert packing.targets([7, 8, 9], [[1, 2, 3], [4], [5, 6]]) == [[(2, 1), (3, 2), (4, 3)], [(2, 4)],
-                                                                   [(2, 5), (5, 6)]]
+    row = packing.Row()
+    row.add([7, 8, 9], [[1, 2, 3], [4], [5, 6]])
+    row.add([3], [[2, 1]])
+    assert row.tokens == [7, 8, 9, 1, 2, 5, 3, 2] and row.positions == [0, 1, 2, 3, 4, 3, 0, 1]
+    assert row.docs == [0] * 6 + [1, 1] and row.segments == [0, 0, 0, 1, 1, 3, 0, 1]
+    assert row.picks == [[[(2, 1), (3, 2), (4, 3)], [(2, 4)], [(2, 5), (5, 6)]], [[(6, 2), (7, 1)]]]
+    assert packing.fill_rows([5, 9, 3, 4, 12], capacity=12) == [[4], [1, 2], [0, 3]]
 
 
 def test_batches_by_tokens_sorts_longest_first_within_the_budget() -> None:
@@ -114,11 +118,53 @@ def test_throughput_counter_counts_real_tokens_of_a_packed_mask() -> None:
 
     from bench.evaluate import packing, throughput
 
-    rows = [packing.row([7, 8, 9], [[1, 2], [3]]), packing.row([4], [[5, 6, 7]])]  # 4 and 3 real tokens
-    positions = torch.zeros(2, 4, dtype=torch.long)
-    segments = torch.full((2, 4), -1, dtype=torch.long)
-    for b, (tokens, pos, seg) in enumerate(rows):
-        positions[b, : len(tokens)], segments[b, : len(tokens)] = torch.tensor(pos), torch.tensor(seg)
+    rows = [packing.Row(), packing.Row()]
+    rows[0].add([7, 8, 9], [[1, 2], [3]])  # 4 tokens
+    rows[0].add([5, 4], [[1]])  # 2 more, a second group in the same row
+    rows[1].add([4], [[5, 6, 7]])  # 3 tokens, then padding
+    ids, positions, docs, segments = packing.tensors(rows)
     for kinds in [(packing.FULL,), (packing.FULL, packing.SLIDING)]:
-        mask = packing.attention_mask(positions, segments, kinds, 2, torch.float32)
-        assert throughput.real_tokens(mask, torch.zeros(2, 4, dtype=torch.long)) == 4 + 3
+        mask = packing.attention_mask(positions, docs, segments, kinds, 2, torch.float32)
+        assert throughput.real_tokens(mask, ids) == 6 + 3
+
+
+def test_restricted_tasks_score_what_lm_eval_samples_scores(tiny_tokenizer) -> None:
+    """zero_shot hands lm-eval task objects cut down to the sampled documents; lm-eval's own ``samples=`` on
+    fresh task objects must give the same documents, log-likelihoods and accuracies."""
+    import datasets  # noqa: F401  imported before zero_shot sets the offline variables
+    import lm_eval
+
+    model = make_tiny("llama", vocab_size=len(tiny_tokenizer))
+    tasks = ["hellaswag", "boolq"]  # hellaswag has process_docs, boolq a label-skewed population
+    ours = zeroshot.zero_shot(model, tiny_tokenizer, tasks, limit=6, batch_size=4)
+    names = zeroshot.resolve_tasks(tasks)
+    manager = zeroshot.task_manager()
+    fresh = zeroshot._task_objects(tuple(names), manager)
+    ids, _ = doc_sample.draw(fresh, 6, 0)
+    lm = fastlm.SharedContextLM(pretrained=model, tokenizer=tiny_tokenizer, batch_size=4)
+    theirs = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, samples=ids, num_fewshot=0,
+                                     log_samples=True)
+    for user, name in zip(tasks, names, strict=True):
+        rows = sorted(theirs["samples"][name], key=lambda s: s["doc_id"])
+        mine = ours["docs"][user]
+        assert mine["doc_id"] == ids[name] and len(rows) == 6
+        assert [x for r in mine["ll"] for x in r] == pytest.approx(
+            [float(resp[0]) for r in rows for resp in r["filtered_resps"]], abs=1e-4)
+        main = ours["tasks"][user]["main"]
+        assert ours["tasks"][user][main] == pytest.approx(theirs["results"][name][f"{main},none"])
+
+
+def test_throughput_measure_reports_every_pass(tiny_tokenizer) -> None:
+    import torch
+
+    from bench.evaluate import throughput
+
+    model = make_tiny("llama", vocab_size=len(tiny_tokenizer))
+    windows = torch.randint(0, len(tiny_tokenizer), (3, 16), generator=torch.Generator().manual_seed(0))
+    fig = throughput.measure(model, tiny_tokenizer, ["arc_easy"], 3, stock=True, windows=windows, batch=2,
+                             seq_len=8, repeats=1)
+    assert set(fig) == {"stock HFLM", "SharedContextLM", "perplexity + closeness", "raw_tokens_per_s", "raw_spread"}
+    assert fig["SharedContextLM"]["tokens"] < fig["stock HFLM"]["tokens"]  # shared contexts run once
+    assert fig["perplexity + closeness"]["tokens"] == 48
+    text = throughput.report(fig)
+    assert "of raw" in text and "the same scores as stock HFLM" in text

@@ -40,6 +40,9 @@ class Reference:
     windows_sha: str
     source: str = "computed"  # computed, memory or disk: how this run got it
     seconds: float = 0.0
+    #: when computed here: the dense model's own perplexity result and closeness summary from the same forward,
+    #: so that the dense cell does not run the windows a second time (never stored on disk)
+    dense_eval: dict | None = None
 
     def slice(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
         return tuple(t[start:stop] for t in (self.logp, self.ids, self.tail_logp, self.tail_ids))
@@ -52,11 +55,11 @@ def windows_sha(windows: torch.Tensor) -> str:
     return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def summarise(logits: torch.Tensor, k: int = TOPK, m: int = TAIL_SAMPLES,
-              seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Per row of ``logits`` [n, V]: top-k log-probs (descending) and ids, and m ids drawn from the rest of the
-    distribution (with replacement, seeded) with their log-probs."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+def summarise(logits: torch.Tensor, k: int = TOPK, m: int = TAIL_SAMPLES, seed: int = 0,
+              normalised: bool = False) -> tuple[torch.Tensor, ...]:
+    """Per row of ``logits`` [n, V] (log-probs already when ``normalised``): top-k log-probs (descending) and
+    ids, and m ids drawn from the rest of the distribution (with replacement, seeded) with their log-probs."""
+    logp = logits if normalised else torch.log_softmax(logits.float(), dim=-1)
     values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
     rest = logp.exp().scatter(-1, ids, 0.0)
     has_rest = rest.sum(-1, keepdim=True) > 0
@@ -67,10 +70,10 @@ def summarise(logits: torch.Tensor, k: int = TOPK, m: int = TAIL_SAMPLES,
 
 
 def kl_and_top1(ref_logp: torch.Tensor, ref_ids: torch.Tensor, tail_logp: torch.Tensor, tail_ids: torch.Tensor,
-                logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                logits: torch.Tensor, normalised: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per position: KL(dense || model), exact over the dense top-k plus the sampled tail estimate, and whether
-    the top-1 tokens agree."""
-    logq = torch.log_softmax(logits.float(), dim=-1)
+    the top-1 tokens agree. ``logits`` are the model's (log-probs already when ``normalised``)."""
+    logq = logits if normalised else torch.log_softmax(logits.float(), dim=-1)
     lp = ref_logp.double()
     p = lp.exp()
     kl = (p * (lp - logq.gather(-1, ref_ids.long()).double())).sum(-1)
@@ -89,10 +92,10 @@ class Tracker:
         self.kl: list[torch.Tensor] = []
         self.agree: list[torch.Tensor] = []
 
-    def __call__(self, logits: torch.Tensor, batch: torch.Tensor) -> None:
-        pred = logits[:, :-1].reshape(-1, logits.shape[-1])
+    def __call__(self, logp: torch.Tensor, batch: torch.Tensor) -> None:
+        pred = logp[:, :-1].reshape(-1, logp.shape[-1])
         ref = [t.to(pred.device) for t in self.ref.slice(self.pos, self.pos + len(pred))]
-        kl, agree = kl_and_top1(*ref, pred)
+        kl, agree = kl_and_top1(*ref, pred, normalised=True)
         self.kl.append(kl.cpu())
         self.agree.append(agree.cpu())
         self.pos += len(pred)
@@ -111,11 +114,27 @@ class Tracker:
 
 @dataclass
 class _Collect:
-    parts: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    """Builds the reference batch by batch and, on the same logits, the dense model's closeness to its own
+    reference (KL about 0 up to rounding, top-1 agreement 1), so the dense cell can report it without a pass."""
 
-    def __call__(self, logits: torch.Tensor, batch: torch.Tensor) -> None:
-        pred = logits[:, :-1].reshape(-1, logits.shape[-1])
-        self.parts.append(tuple(t.cpu() for t in summarise(pred, seed=len(self.parts))))
+    parts: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    kl: list[torch.Tensor] = field(default_factory=list)
+    agree: list[torch.Tensor] = field(default_factory=list)
+
+    def __call__(self, logp: torch.Tensor, batch: torch.Tensor) -> None:
+        pred = logp[:, :-1].reshape(-1, logp.shape[-1])
+        summary = summarise(pred, seed=len(self.parts), normalised=True)
+        self.parts.append(tuple(t.cpu() for t in summary))
+        kl, agree = kl_and_top1(*summary, pred, normalised=True)
+        self.kl.append(kl.cpu())
+        self.agree.append(agree.cpu())
+
+    def reference(self, sha: str, seconds: float, ppl: dict) -> Reference:
+        ref = Reference(*(torch.cat(parts) for parts in zip(*self.parts, strict=True)), sha, "computed", seconds)
+        own = Tracker(ref)
+        own.kl, own.agree = self.kl, self.agree
+        ref.dense_eval = {"perplexity": ppl, "closeness": own.summary()}
+        return ref
 
 
 def reference_path(cache: Path | None, model_key: str, sha: str) -> Path | None:
@@ -138,7 +157,7 @@ def dense_reference(model: torch.nn.Module, windows: torch.Tensor, batch_size: i
     path = reference_path(cache, model_key, sha)
     memo_key = str(path) if path else None  # no cache (--no-cache): recomputed every time
     if memo_key in _MEMORY:
-        return dataclasses.replace(_MEMORY[memo_key], source="memory", seconds=0.0)
+        return dataclasses.replace(_MEMORY[memo_key], source="memory", seconds=0.0, dense_eval=None)
     t0 = time.perf_counter()
     stored = _load(path, "cpu")
     names = ("logp", "ids", "tail_logp", "tail_ids")
@@ -147,9 +166,8 @@ def dense_reference(model: torch.nn.Module, windows: torch.Tensor, batch_size: i
     else:
         try:
             collect = _Collect()
-            perplexity(model, windows, batch_size=batch_size, observe=collect)
-            ref = Reference(*(torch.cat(parts) for parts in zip(*collect.parts, strict=True)), sha, "computed",
-                            time.perf_counter() - t0)
+            ppl = perplexity(model, windows, batch_size=batch_size, observe=collect)
+            ref = collect.reference(sha, time.perf_counter() - t0, ppl)
             _store(path, ref.tensors())  # verified store; releases the claim _load took
         finally:
             _release(path)

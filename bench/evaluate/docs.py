@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 DOCS_SCHEMA = "slimbench.docs"
-DOCS_VERSION = 1
+DOCS_VERSION = 2  # 2: doc_id is the index in the task's eval docs (1: in the sample)
 SUFFIX = ".docs.json.gz"
 
 
@@ -27,8 +27,10 @@ def docs_path(record_json: Path) -> Path:
     return record_json.with_name(record_json.stem + SUFFIX)
 
 
-def from_samples(samples: list[dict], main: str | None, task: Any) -> dict[str, list]:
-    """Doc ids, gold index, chosen choice (by the main metric), correctness and per-choice log-likelihoods."""
+def from_samples(samples: list[dict], main: str | None, task: Any, ids: list[int]) -> dict[str, list]:
+    """Doc ids (the documents' indices in the task's eval docs: lm-eval numbers the sampled subset 0..k-1,
+    ``ids`` maps them back), gold index, chosen choice (by the main metric), correctness and per-choice
+    log-likelihoods."""
     rows = sorted(samples, key=lambda s: s["doc_id"])
     out: dict[str, list] = {"doc_id": [], "gold": [], "chosen": [], "correct": [], "ll": []}
     for s in rows:
@@ -36,7 +38,7 @@ def from_samples(samples: list[dict], main: str | None, task: Any) -> dict[str, 
         scores = np.array(lls)
         if main == "acc_norm":
             scores = scores / np.array([float(len(c)) for c in task.doc_to_choice(s["doc"])])
-        out["doc_id"].append(int(s["doc_id"]))
+        out["doc_id"].append(int(ids[s["doc_id"]]))
         out["gold"].append(s["target"] if isinstance(s["target"], int) else None)
         out["chosen"].append(int(np.argmax(scores)))
         out["correct"].append(int(s.get(main or "acc", 0.0) == 1.0))

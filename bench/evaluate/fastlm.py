@@ -2,8 +2,9 @@
 
 Stock HFLM runs context + continuation once per choice, so a 4-choice HellaSwag question pushes its context
 through the model four times. Here requests are grouped by context. Where the model takes a custom 4-D
-attention mask (sdpa or eager attention, full or sliding layers), a context and all its choices are packed
-into one row (``packing``) and a batch of rows, length-sorted within a token budget, is scored in ONE forward.
+attention mask (sdpa or eager attention, full or sliding layers), each context and all its choices are packed
+into a row, several groups to a row (``packing``), and a batch of rows within a token budget is scored in ONE
+forward, with almost no padding.
 Otherwise a batch of contexts (left padded) runs once with the KV cache, the cache rows are repeated per
 choice, and the continuations run in one more forward per length bucket. Either way the scores are the
 log-likelihoods and greedy flags stock HFLM returns (tested to float tolerance on every family), so lm-eval's
@@ -14,7 +15,6 @@ them its own way.
 from __future__ import annotations
 
 import copy
-import functools
 
 import torch
 from lm_eval.models.huggingface import HFLM
@@ -23,7 +23,8 @@ from bench.evaluate import packing
 from bench.models import kv_cache_kwarg, returned_kv_cache
 
 TOKENS_PER_BATCH = 2048  # tokens per forward, padding included: past this a CPU gains nothing
-GPU_TOKENS_PER_BATCH = 16384  # a GPU needs more to fill; the logits kept are gathered, not all held in float32
+GPU_TOKENS_PER_BATCH = 16384  # a GPU needs more to fill; only the scored positions' logits go to float32
+ROW_TOKENS, GPU_ROW_TOKENS = 512, 2048  # packed row length (or the longest group's, if longer)
 PACKED_ROWS = 512  # rows per packed forward; the token budget is what binds
 
 Request = tuple[tuple[str, str] | None, list[int], list[int]]
@@ -76,57 +77,65 @@ class SharedContextLM(HFLM):
             for i, answer in zip(stock, answers, strict=True):
                 out[i] = answer
         contexts = list(groups)
+        choices = [[requests[i][2] for i in groups[c]] for c in contexts]
+
+        def settle(g: int, answers: list[tuple[float, bool]]) -> None:
+            for i, answer in zip(groups[contexts[g]], answers, strict=True):
+                out[i] = answer
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+
+        gpu = self.device.type == "cuda"
+        budget = GPU_TOKENS_PER_BATCH if gpu else self.tokens_per_batch
         layout = packing.mask_layout(self.model)
         if layout is not None:
-            lengths = [len(c) + sum(len(requests[i][2]) - 1 for i in groups[c]) for c in contexts]
-            max_rows, score = PACKED_ROWS, functools.partial(self._score_packed, kinds=layout)
-        else:
-            lengths = [len(c) for c in contexts]
-            max_rows = max(1, int(self.batch_size)) if str(self.batch_size).isdigit() else 64
-            score = self._score
-        budget = self.tokens_per_batch if self.device.type != "cuda" else GPU_TOKENS_PER_BATCH
-        for batch in batches_by_tokens(lengths, budget, max_rows):
-            chosen = [contexts[b] for b in batch]
-            answers = score([list(c) for c in chosen], [[requests[i][2] for i in groups[c]] for c in chosen])
-            for c, group_answers in zip(chosen, answers, strict=True):
-                for i, answer in zip(groups[c], group_answers, strict=True):
-                    out[i] = answer
-                    if requests[i][0] is not None:
-                        self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            lengths = [packing.group_length(c, x) for c, x in zip(contexts, choices, strict=True)]
+            rows = packing.fill_rows(lengths, max([GPU_ROW_TOKENS if gpu else ROW_TOKENS, *lengths]))
+            for batch in batches_by_tokens([sum(lengths[g] for g in r) for r in rows], budget, PACKED_ROWS):
+                packed = [[(list(contexts[g]), choices[g]) for g in rows[b]] for b in batch]
+                for b, row_answers in zip(batch, self._score_packed(packed, layout), strict=True):
+                    for g, answers in zip(rows[b], row_answers, strict=True):
+                        settle(g, answers)
+            return out  # type: ignore[return-value]
+        max_rows = max(1, int(self.batch_size)) if str(self.batch_size).isdigit() else 64
+        for batch in batches_by_tokens([len(c) for c in contexts], budget, max_rows):
+            answers = self._score([list(contexts[g]) for g in batch], [choices[g] for g in batch])
+            for g, group_answers in zip(batch, answers, strict=True):
+                settle(g, group_answers)
         return out  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _score_packed(self, contexts: list[list[int]], choices: list[list[list[int]]],
-                      kinds: tuple[str, ...]) -> list[list[tuple[float, bool]]]:
-        """Every context with all its choices, one packed row each (``packing``), in one forward."""
+    def _score_packed(self, rows: list[list[packing.Group]], kinds: tuple[str, ...]) -> list[list[list[tuple]]]:
+        """Rows of groups (a context and its choices), packed (``packing``) and scored in one forward; per row,
+        per group, per choice: (sum of the choice's log-probs, whether every token was the greedy one)."""
         model, dev = self.model, self.device
-        rows = [packing.row(c, x) for c, x in zip(contexts, choices, strict=True)]
-        width = max(len(tokens) for tokens, _, _ in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        positions = torch.zeros(len(rows), width, dtype=torch.long)
-        segments = torch.full((len(rows), width), -1, dtype=torch.long)
-        for b, (tokens, pos, seg) in enumerate(rows):
-            ids[b, : len(tokens)], positions[b, : len(tokens)] = torch.tensor(tokens), torch.tensor(pos)
-            segments[b, : len(tokens)] = torch.tensor(seg)
-        mask = packing.attention_mask(positions, segments, kinds, getattr(model.config, "sliding_window", None),
+        packed = []
+        for groups in rows:
+            row = packing.Row()
+            for context, choices in groups:
+                row.add(context, choices)
+            packed.append(row)
+        ids, positions, docs, segments = packing.tensors(packed)
+        mask = packing.attention_mask(positions, docs, segments, kinds, getattr(model.config, "sliding_window", None),
                                       model.dtype)
         mask = {k: m.to(dev) for k, m in mask.items()} if isinstance(mask, dict) else mask.to(dev)
-        hidden = model(input_ids=ids.to(dev), attention_mask=mask, position_ids=positions.to(dev),
+        logits = model(input_ids=ids.to(dev), attention_mask=mask, position_ids=positions.to(dev),
                        use_cache=False).logits
-        self._count(segments >= 0, 1)
-        picks = [(b, j, i, t) for b, (c, x) in enumerate(zip(contexts, choices, strict=True))
-                 for j, choice in enumerate(packing.targets(c, x)) for i, t in choice]
-        where = torch.tensor([[b, i] for b, _, i, _ in picks], device=dev)
-        logits = hidden[where[:, 0], where[:, 1]].float()
+        self._count(docs >= 0, 1)
+        picks = [(b, g, j, i, t) for b, row in enumerate(packed) for g, group in enumerate(row.picks)
+                 for j, choice in enumerate(group) for i, t in choice]
+        where = torch.tensor([[b, i] for b, _, _, i, _ in picks], device=dev)
+        chosen = logits[where[:, 0], where[:, 1]].float()
         target = torch.tensor([t for *_, t in picks], device=dev)
-        logp = logits.gather(-1, target[:, None]).squeeze(-1) - logits.logsumexp(-1)
-        hit = logits.argmax(-1) == target
-        totals: dict[tuple[int, int], list] = {}
-        for (b, j, _, _), lp, h in zip(picks, logp.tolist(), hit.tolist(), strict=True):
-            acc = totals.setdefault((b, j), [0.0, True])
+        logp = chosen.gather(-1, target[:, None]).squeeze(-1) - chosen.logsumexp(-1)
+        hit = chosen.argmax(-1) == target
+        totals: dict[tuple[int, int, int], list] = {}
+        for (b, g, j, _, _), lp, h in zip(picks, logp.tolist(), hit.tolist(), strict=True):
+            acc = totals.setdefault((b, g, j), [0.0, True])
             acc[0] += lp
             acc[1] = acc[1] and h
-        return [[(totals[b, j][0], totals[b, j][1]) for j in range(len(x))] for b, x in enumerate(choices)]
+        return [[[tuple(totals[b, g, j]) for j in range(len(group))] for g, group in enumerate(row.picks)]
+                for b, row in enumerate(packed)]
 
     @torch.inference_mode()
     def _score(self, contexts: list[list[int]], choices: list[list[list[int]]]) -> list[list[tuple[float, bool]]]:

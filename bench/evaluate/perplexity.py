@@ -6,7 +6,6 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from bench.errors import UserError
 
@@ -22,8 +21,9 @@ def perplexity(
 
     Returns `perplexity`, `nll` (mean per predicted token, nats), `tokens` and `windows`. A
     model that produces NaN or inf logits yields NaN or inf rather than an exception.
-    `progress(k)` is called after each batch with the number of windows just scored; `observe(logits, batch)`
-    sees each batch's logits in window order (closeness to the dense model rides on this same forward).
+    `progress(k)` is called after each batch with the number of windows just scored; `observe(logp, batch)`
+    sees each batch's next-token log-probabilities (float32, log-softmax of the logits, computed once for both)
+    in window order: closeness to the dense model rides on this same forward.
     """
     if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
         raise UserError(f"perplexity needs windows of shape [n >= 1, L >= 2], got {tuple(windows.shape)}")
@@ -35,12 +35,11 @@ def perplexity(
         with torch.inference_mode():
             for start in range(0, len(windows), batch_size):
                 batch = windows[start : start + batch_size].to(device)
-                logits = model(input_ids=batch, use_cache=False).logits
+                logp = torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), dim=-1)
                 if observe is not None:
-                    observe(logits, batch)
-                for row, ids in zip(logits, batch, strict=True):
-                    token_nll = F.cross_entropy(row[:-1].float(), ids[1:], reduction="none")
-                    nll_sum += token_nll.double().sum().cpu()
+                    observe(logp, batch)
+                token_nll = -logp[:, :-1].gather(-1, batch[:, 1:, None]).squeeze(-1)
+                nll_sum += token_nll.double().sum().cpu()
                 if progress is not None:
                     progress(len(batch))
     finally:

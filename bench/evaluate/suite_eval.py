@@ -32,20 +32,26 @@ def dense_reference(model: nn.Module, tokenizer, adapter, suite: Suite, cache: P
 
 
 def evaluate(model: nn.Module, tokenizer, adapter, suite: Suite, progress=None, seed: int = 1234,
-             reference: closeness.Reference | None = None) -> dict:
+             reference: closeness.Reference | None = None, dense: bool = False) -> dict:
     """All metrics of one model under ``suite``; ``progress(label)`` is told which step runs. With the dense
-    model's ``reference``, also its closeness to the dense model (KL, top-1 agreement) on the same forward."""
+    model's ``reference``, also its closeness to the dense model (KL, top-1 agreement) on the same forward.
+    For the ``dense`` model itself, a reference computed in this process already holds its perplexity and
+    closeness from that same forward: they are taken from it instead of running the windows again."""
     step = progress or (lambda label: None)
     device = next(model.parameters()).device
     out: dict = {"params": count_params(model), "weight_bytes": count_bytes(model)}
     with PeakMemory(device) as mem:
         step("perplexity")
         windows = _windows(tokenizer, adapter, suite)
-        tracker = closeness.Tracker(reference) if reference is not None and \
-            reference.windows_sha == closeness.windows_sha(windows) else None
-        ppl = perplexity(model, windows, batch_size=_ppl_batch(suite), observe=tracker)
-        if tracker is not None:
-            out["closeness"] = tracker.summary()
+        usable = reference is not None and reference.windows_sha == closeness.windows_sha(windows)
+        if usable and dense and reference.dense_eval is not None:
+            ppl = reference.dense_eval["perplexity"] | {"pass": "shared with the dense reference's forward"}
+            out["closeness"] = reference.dense_eval["closeness"]
+        else:
+            tracker = closeness.Tracker(reference) if usable else None
+            ppl = perplexity(model, windows, batch_size=_ppl_batch(suite), observe=tracker)
+            if tracker is not None:
+                out["closeness"] = tracker.summary()
         out["perplexity"] = ppl["perplexity"]
         out["perplexity_detail"] = {k: v for k, v in ppl.items() if k != "perplexity"} | {
             "seq_len": suite.ppl_seq_len, "text": "packaged Wikipedia (exllamav2 wiki.utf8), test documents",

@@ -1,19 +1,22 @@
 """``bench throughput``: what evaluation pushes through the model against the raw batched forward, in one run.
 
 Zero-shot runs through lm-eval with ``SharedContextLM`` (and, with ``--stock``, with stock HFLM too); its
-tokens (real and padded) are counted in the model's forward. Then the same model runs full batches of random
-tokens for the raw tokens/s. The ratio says how close evaluation comes to the hardware's speed.
+tokens (real and padded) are counted in the model's forward. The perplexity pass runs the suite's windows with
+the closeness tracker, as every cell does. Then the same model runs full batches of random tokens for the raw
+tokens/s. The ratio says how close evaluation comes to the hardware's speed.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 
-from bench.evaluate import zeroshot
+from bench.evaluate import closeness, zeroshot
+from bench.evaluate.perplexity import perplexity
 
 
 @dataclass
@@ -46,16 +49,16 @@ class Counter:
 
 def real_tokens(mask, ids: torch.Tensor) -> int:
     """Real (not padding) tokens of a forward: the 2-D mask's sum, or for a packed 4-D additive mask
-    (``packing.attention_mask``, a dict of them per layer kind) every query that sees more than itself plus each
-    row's first token (a pad sees only itself)."""
+    (``packing.attention_mask``, a dict of them per layer kind) the tokens that see another token or are seen by
+    one; a pad sees only itself and is seen by none (a one-token document would count as padding)."""
     if mask is None:
         return ids.numel()
     if isinstance(mask, dict):
         mask = next(iter(mask.values()))
     if mask.dim() == 2:
         return int(mask[:, -ids.shape[1]:].sum())
-    sees = (mask[:, 0] == 0).sum(-1)
-    return int((sees > 1).sum()) + mask.shape[0]
+    sees = mask[:, 0] == 0
+    return int(((sees.sum(-1) > 1) | (sees.sum(-2) > 1)).sum())
 
 
 def raw_forward(model: torch.nn.Module, vocab: int, batch: int, seq_len: int, repeats: int) -> float:
@@ -70,10 +73,13 @@ def raw_forward(model: torch.nn.Module, vocab: int, batch: int, seq_len: int, re
         return repeats * ids.numel() / (time.perf_counter() - t0)
 
 
-def measure(model, tokenizer, tasks: list[str], limit: int, stock: bool, batch: int = 8, seq_len: int = 256,
-            repeats: int = 3) -> dict:
-    """Zero-shot wall time and tokens for each backend, and the raw forward tokens/s measured before and after
-    (their mean, so that a machine whose load changes during the run is not compared at one moment only)."""
+def measure(model, tokenizer, tasks: list[str], limit: int, stock: bool, windows: torch.Tensor | None = None,
+            batch: int = 8, seq_len: int = 256, repeats: int = 3) -> dict:
+    """Zero-shot wall time and tokens for each backend, the perplexity pass (with the closeness tracker, as a
+    cell runs it) over ``windows``, and the raw forward tokens/s measured before and after (their mean, so that
+    a machine whose load changes during the run is not compared at one moment only)."""
+    zeroshot.prepare(tasks, limit)  # task loading and the document sample are paid once per process, not timed
+    reference = closeness.dense_reference(model, windows, 4, None, "throughput") if windows is not None else None
     raw_before = raw_forward(model, len(tokenizer), batch, seq_len, repeats)
     out = {}
     for name, use_stock in ([("stock HFLM", True)] if stock else []) + [("SharedContextLM", False)]:
@@ -88,6 +94,13 @@ def measure(model, tokenizer, tasks: list[str], limit: int, stock: bool, batch: 
         out[name] = {"wall_s": wall, "forward_s": counter.seconds, "tokens": counter.tokens,
                      "padded_tokens": counter.padded, "forwards": counter.calls,
                      "eval_tokens_per_s": counter.tokens / wall}
+    if reference is not None:
+        t0 = time.perf_counter()
+        perplexity(model, windows, batch_size=4, observe=closeness.Tracker(reference))
+        wall = time.perf_counter() - t0
+        out["perplexity + closeness"] = {"wall_s": wall, "forward_s": math.nan, "tokens": windows.numel(),
+                                         "padded_tokens": windows.numel(), "forwards": -(-len(windows) // 4),
+                                         "eval_tokens_per_s": windows.numel() / wall}
     raw_after = raw_forward(model, len(tokenizer), batch, seq_len, repeats)
     out["raw_tokens_per_s"] = (raw_before + raw_after) / 2
     out["raw_spread"] = (raw_before, raw_after)
@@ -97,13 +110,18 @@ def measure(model, tokenizer, tasks: list[str], limit: int, stock: bool, batch: 
 def report(fig: dict) -> str:
     lines = []
     raw = fig["raw_tokens_per_s"]
+    stock = fig.get("stock HFLM")
     for name, f in fig.items():
         if name in ("raw_tokens_per_s", "raw_spread"):
             continue
-        lines.append(f"{name}: {f['wall_s']:.1f} s for zero-shot ({f['forward_s']:.1f} s in forward), {f['forwards']} "
-                     f"forwards, {f['tokens']:,} tokens ({f['padded_tokens']:,} with padding, "
-                     f"{100 * f['tokens'] / max(f['padded_tokens'], 1):.0f} % useful); evaluation {f['eval_tokens_per_s']:.0f} "
-                     f"tokens/s = {100 * f['eval_tokens_per_s'] / raw:.0f} % of raw")
+        inside = f" ({f['forward_s']:.1f} s in forward)" if f["forward_s"] == f["forward_s"] else ""
+        lines.append(f"{name}: {f['wall_s']:.1f} s{inside}, {f['forwards']} forwards, {f['tokens']:,} tokens "
+                     f"({f['padded_tokens']:,} with padding, {100 * f['tokens'] / max(f['padded_tokens'], 1):.0f} % "
+                     f"useful); evaluation {f['eval_tokens_per_s']:.0f} tokens/s = "
+                     f"{100 * f['eval_tokens_per_s'] / raw:.0f} % of raw")
+        if stock is not None and name == "SharedContextLM":
+            lines.append(f"  the same scores as stock HFLM in {f['wall_s'] / stock['wall_s']:.2f}x its time "
+                         f"({f['tokens'] / stock['tokens']:.2f}x its tokens)")
     before, after = fig["raw_spread"]
     lines.append(f"raw batched forward: {raw:.0f} tokens/s (before {before:.0f}, after {after:.0f})")
     return "\n".join(lines)

@@ -218,10 +218,9 @@ def zero_shot(
         lm.loglikelihood = functools.partial(lm.loglikelihood, disable_tqdm=True)
     out = lm_eval.simple_evaluate(
         model=lm,
-        tasks=lm_names,
+        tasks=[task_objects[n] for n in lm_names] if ids is not None else lm_names,  # restricted to the sample
         task_manager=manager,
         limit=limit if ids is None else None,
-        samples=ids,
         num_fewshot=0,
         random_seed=seed,
         numpy_random_seed=seed,
@@ -230,7 +229,8 @@ def zero_shot(
         log_samples=True,
     )
     per_task = {user: _task_record(out, lm_name) for user, lm_name in zip(tasks, lm_names, strict=True)}
-    docs = {user: docs_io.from_samples(out["samples"][lm_name], per_task[user]["main"], task_objects[lm_name])
+    docs = {user: docs_io.from_samples(out["samples"][lm_name], per_task[user]["main"], task_objects[lm_name],
+                                       ids[lm_name])
             for user, lm_name in zip(tasks, lm_names, strict=True) if task_objects and lm_name in out["samples"]}
     return {
         "tasks": per_task,
@@ -245,12 +245,38 @@ def zero_shot(
     }
 
 
+def prepare(tasks: list[str], limit: int | None, sample_seed: int = 0) -> None:
+    """Load the tasks and draw their document sample now (once per process), so that a timed ``zero_shot``
+    measures evaluation, not the first call's data loading."""
+    _go_offline()
+    _quiet_lm_eval()
+    lm_names = resolve_tasks(tasks)
+    _sampled(tuple(lm_names), task_manager(stock=any(n not in LOCAL_TASKS for n in tasks)), limit, sample_seed)
+
+
 @functools.lru_cache(maxsize=8)
 def _sampled(lm_names: tuple[str, ...], manager: Any, limit: int | None, seed: int) -> tuple[dict, Any, Any]:
-    """Task objects, document ids and the sample's definition; drawn once per process (they depend on data only)."""
+    """Task objects, document ids and the sample's definition; drawn once per process (they depend on data only).
+
+    Each task object is then restricted to its sampled documents (its eval docs become that subset, in id
+    order), so every later evaluation builds requests for those documents only: lm-eval's own ``samples=``
+    scans every document of the task on each call (and re-applies ``process_docs``), seconds per cell.
+    """
     task_objects = _task_objects(lm_names, manager)
-    ids, sample = doc_sample.draw(task_objects, limit, seed) if task_objects else (None, None)
+    if not task_objects:
+        return task_objects, None, None
+    ids, sample = doc_sample.draw(task_objects, limit, seed)
+    for name, task in task_objects.items():
+        _restrict(task, ids[name])
     return task_objects, ids, sample
+
+
+def _restrict(task: Any, ids: list[int]) -> None:
+    """Make ``task.eval_docs`` return only documents ``ids`` (already processed), through the split accessor
+    lm-eval's ``eval_docs`` reads (test docs where the task has them, else validation docs)."""
+    docs = task.eval_docs
+    subset = docs.select(ids) if hasattr(docs, "select") else [docs[i] for i in ids]
+    setattr(task, "test_docs" if task.has_test_docs() else "validation_docs", lambda: subset)
 
 
 def _task_objects(lm_names: tuple[str, ...], manager: Any) -> dict[str, Any]:
