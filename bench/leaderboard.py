@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from bench import stats
-from bench.compare import DENSE, main_acc, mean_acc_se
+from bench.compare import DENSE, label, main_acc, mean_acc_se
 from bench.evaluate import docs as docs_io
 from bench.records import Record, latest, load_records
 
@@ -42,7 +42,7 @@ def frame(records: list[Record], docs: list[dict | None] | None = None) -> pd.Da
         ref_acc = ref.metrics.get("mean_acc") if ref else None
         close = m.get("closeness") or {}
         row = {
-            "model": r.model["name"], "suite": r.suite["name"], "method": r.method, "seed": r.seed,
+            "model": r.model["name"], "suite": r.suite["name"], "method": label(r), "seed": r.seed,
             "target": r.target_ratio, "achieved": b.get("achieved_ratio"), "linear_ratio": b.get("linear_ratio"),
             "budget": _budget_flag(r), "ppl": m.get("perplexity"), "kl": close.get("kl_mean"),
             "kl_p99": close.get("kl_p99"), "top1": close.get("top1_agreement"),

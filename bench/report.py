@@ -10,7 +10,6 @@ Then the figures of ``bench.plots`` as inline SVG.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable
 from html import escape
@@ -19,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench import plots
-from bench.compare import label, pooled_se
+from bench.compare import pooled_se
 from bench.leaderboard import COLLAPSE_FACTOR, COLUMNS, DENSE, LABELS, TASK_SHORT, _fmt, frame, noise_legend
 from bench.records import Record
 
@@ -29,11 +28,6 @@ FLOOR = 0.6  # a share of the dense accuracy at or below this is full red; 1.0 a
 FIGURES = [("accuracy", plots.draw_accuracy, (6.4, 4.2)), ("perplexity", plots.draw_perplexity, (6.4, 4.2)),
            ("kl", plots.draw_kl, (6.4, 4.2)), ("top1", plots.draw_top1, (6.4, 4.2)),
            ("speed", plots.draw_speed, (6.4, 4.2)), ("tasks", plots.draw_tasks, (9.6, 4.2))]
-
-
-def _labelled(r: Record) -> Record:
-    """A method run with overridden knobs is a row of its own, e.g. ``basis (group_size=3)``."""
-    return dataclasses.replace(r, method=label(r)) if r.knob_overrides else r
 
 
 def cells(df: pd.DataFrame) -> pd.DataFrame:
@@ -132,7 +126,7 @@ def write(records: list[Record], out_dir: str | Path, problems: Iterable[str] = 
     """Write ``index.html`` and the PNG figures beside it from ``records``; returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    df = frame([_labelled(r) for r in records], docs)
+    df = frame(records, docs)  # a run with overridden knobs is a row of its own, e.g. ``basis (group_size=3)``
     groups = []
     if not df.empty:
         groups = [(f"{model} — suite {suite}", g.reset_index(drop=True))

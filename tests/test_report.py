@@ -369,3 +369,12 @@ def test_the_section_counts_collapsed_cells_apart_from_failed_ones(tmp_path):
     leaderboard.write(tmp_path / "results", tmp_path / "lb")
     text = (tmp_path / "lb" / "index.html").read_text()
     assert "3 ok cells, 1 collapsed (ran; perplexity over 100x dense), 1 failed." in text
+
+
+def test_markdown_and_csv_name_a_knob_variant_as_a_row_of_its_own() -> None:
+    from bench.leaderboard import frame, markdown
+
+    df = frame(RECORDS)
+    assert sorted(df[(df["model"] == "tiny") & (df["target"] == 0.2)]["method"].unique()) == \
+        ["alpha", "alpha (rank=4)", "beta", "gamma"]
+    assert "alpha (rank=4)" in markdown(df) and "(rank=4) (rank=4)" not in markdown(df)
