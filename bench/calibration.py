@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,6 +48,8 @@ class Calibration:
     cache_dir: Path | None = None
     #: identifies the dense model the statistics come from (weights, dtype, device); empty: no disk cache
     model_key: str = ""
+    #: the model's tokenizer, for a method that reads text of its own (DeltaLLM's training corpus); None in tests
+    tokenizer: Any = None
 
     @property
     def n_samples(self) -> int:

@@ -288,7 +288,7 @@ def _calibration(tokenizer, suite: Suite, seed: int, stats_dir: Path | None, mod
     tokens = data.calibration_batch(tokenizer, suite.calib_samples, suite.calib_seq_len, seed)
     return Calibration(tokens=tokens, seed=seed, batch_size=max(1, suite.eval_batch_size // 2),
                        source="packaged Wikipedia (exllamav2 wiki.utf8), calibration documents",
-                       cache_dir=stats_dir, model_key=model_key)
+                       cache_dir=stats_dir, model_key=model_key, tokenizer=tokenizer)
 
 
 def _compress(model, inst: Method, calib: Calibration, solution: Solution, rec: Record, cfg: RunConfig,

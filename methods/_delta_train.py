@@ -9,14 +9,20 @@ compression left alone are the same in both, so they are never swapped. The loss
 
 with no hidden-state term. Only the parameters handed in train (by default the deltas A, B); AdamW, no weight
 decay (it would pull every follower towards its base), gradient norm clipped at 1.
+
+A step takes ``batch_size`` rows; with ``micro_batch`` it runs them in slices of that many rows and accumulates the
+gradients (each slice's loss weighted by its share of the rows, so the step's loss and gradient are the full
+batch's). With ``autocast`` (bf16 on CUDA) the forwards run under autocast; the KL is always taken in float32.
+``measure`` (with ``curve_at``) pauses training at those token counts to measure the model as it stands, every
+block compressed; that time is left out of tokens/s.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +44,12 @@ class TrainConfig:
     pmr_warmup: float = 0.5
     seed: int = 0
     max_grad_norm: float = 1.0
+    #: rows per forward (gradients accumulate over a step's slices); 0 = the whole batch at once
+    micro_batch: int = 0
+    #: autocast dtype of the forwards on CUDA (torch.bfloat16), or None for none
+    autocast: torch.dtype | None = None
+    #: token counts at which ``measure`` is called during training (0 and counts past the budget are ignored)
+    curve_at: tuple[int, ...] = ()
 
 
 def replace_probability(step: int, steps: int, start: float, warmup: float) -> float:
@@ -81,11 +93,19 @@ def eval_kl(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch_s
     return total / max(count, 1)
 
 
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on ``device`` (CUDA only; a no-op elsewhere or without a dtype)."""
+    if dtype is None or device.type != "cuda":
+        return nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
 def train(model: nn.Module, adapter, teacher: nn.Module, windows: torch.Tensor, params: list[nn.Parameter],
-          changed: list[int], cfg: TrainConfig) -> dict:
+          changed: list[int], cfg: TrainConfig, measure: Callable[[], dict] | None = None) -> dict:
     """Distil ``params`` of ``model`` from ``teacher`` on ``windows`` (cycled) with PMR over the ``changed`` blocks.
 
-    Returns the log: steps, tokens trained on, seconds, tokens/s, and the loss and p(t) of every step.
+    Returns the log: steps, tokens trained on, seconds, tokens/s, and the loss and p(t) of every step; with
+    ``measure``, ``points``: ``measure()``'s dict plus tokens and training seconds at each of ``cfg.curve_at``.
     """
     model.eval()  # no dropout: the student must be the model that is evaluated
     device = model_device(model)
@@ -98,7 +118,11 @@ def train(model: nn.Module, adapter, teacher: nn.Module, windows: torch.Tensor, 
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    losses, probs, tokens = [], [], 0
+    losses, probs, tokens, points = [], [], 0, []
+    pending = sorted({t for t in cfg.curve_at if 0 < t}) if measure is not None else []
+    micro = cfg.micro_batch if 0 < cfg.micro_batch < cfg.batch_size else cfg.batch_size
+    amp = autocast_context(device, cfg.autocast)
+    paused = 0.0  # seconds spent measuring the curve, not training
     start = time.perf_counter()
     try:
         with torch.enable_grad():
@@ -110,26 +134,41 @@ def train(model: nn.Module, adapter, teacher: nn.Module, windows: torch.Tensor, 
                     replaced = [changed[int(torch.randint(len(changed), (1,), generator=gen))]]
                 rows = [(step * cfg.batch_size + j) % windows.shape[0] for j in range(cfg.batch_size)]
                 ids = windows[rows].to(device)
-                with torch.no_grad():
-                    target = teacher(input_ids=ids, use_cache=False).logits
-                with hybrid(adapter, teacher_blocks, [b for b in changed if b not in replaced]):
-                    logits = model(input_ids=ids, use_cache=False).logits
-                loss = distill_kl(logits, target, cfg.temperature)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = 0.0
+                for part in ids.split(micro):
+                    with torch.no_grad(), amp:
+                        target = teacher(input_ids=part, use_cache=False).logits
+                    with hybrid(adapter, teacher_blocks, [b for b in changed if b not in replaced]), amp:
+                        logits = model(input_ids=part, use_cache=False).logits
+                    part_loss = distill_kl(logits, target, cfg.temperature)
+                    if micro < cfg.batch_size:
+                        part_loss = part_loss * (part.shape[0] / ids.shape[0])
+                    part_loss.backward()
+                    loss += part_loss.item()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
-                losses.append(loss.item())
+                losses.append(loss)
                 probs.append(p)
                 tokens += ids.numel()
+                while pending and tokens >= pending[0]:
+                    pending.pop(0)
+                    t0 = time.perf_counter()
+                    point = {"tokens": tokens, "seconds": t0 - start - paused, **measure()}
+                    points.append(point)
+                    paused += time.perf_counter() - t0
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    seconds = time.perf_counter() - start
-    return {"steps": steps, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
-            "batch_windows": cfg.batch_size, "seq_len": int(windows.shape[1]), "lr": cfg.lr,
-            "temperature": cfg.temperature, "pmr": {"start": cfg.pmr_start, "warmup": cfg.pmr_warmup},
-            "loss_first": losses[0], "loss_last": losses[-1], "curve": curve(losses, probs)}
+    seconds = time.perf_counter() - start - paused
+    log = {"steps": steps, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
+           "batch_windows": cfg.batch_size, "micro_batch": micro, "seq_len": int(windows.shape[1]), "lr": cfg.lr,
+           "autocast": str(cfg.autocast).replace("torch.", "") if device.type == "cuda" and cfg.autocast else "off",
+           "temperature": cfg.temperature, "pmr": {"start": cfg.pmr_start, "warmup": cfg.pmr_warmup},
+           "loss_first": losses[0], "loss_last": losses[-1], "curve": curve(losses, probs)}
+    if measure is not None:
+        log["points"] = points
+    return log
 
 
 def curve(losses: list[float], probs: list[float], points: int = 50) -> list[list[float]]:

@@ -10,6 +10,13 @@ never materialised. The follower keeps its own bias (if the family has one) insi
 not used by the follower. Norms stay per block. A B starts as the rank-r truncated SVD of W_follower - W_base and is
 then distilled from the dense model with progressive module replacement (see ``methods/_delta_train.py``).
 
+Training data (``train_data``): "calibration" cycles the calibration windows (the default, so earlier results stay
+as they were); "corpus" packs real English text of its own (:mod:`bench.corpus`, disjoint from the calibration and
+perplexity text) into rows of ``train_seq_len`` tokens, as the paper trains on a separate corpus. ``curve_at`` records
+what training buys: at each token count the held-out KL to the dense model and the perplexity, both on the
+``eval_windows`` held-out calibration windows. Those windows are never trained on in either mode and need no second
+tokenisation; the suite's perplexity windows stay untouched until the final evaluation.
+
 Budget: each shared follower linear saves out*in - r*(out + in) parameters, so a kind is shared only where
 r*(out + in) < out*in. The solver keeps one rank r for all shared kinds and tries the MLP kinds alone first (the
 paper: MLP weights compress with less loss), then all ``shared`` kinds; within the first stage that reaches the
@@ -19,7 +26,10 @@ target it takes the smallest r whose counted parameters are at or just above (1 
 from __future__ import annotations
 
 import copy
+import math
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +39,9 @@ from bench import structure
 from bench.adapters.base import get_module, set_module
 from bench.budget import count_params
 from bench.calibration import Calibration, collect_grams
+from bench.corpus import DEFAULT_SOURCE, packed_rows
 from bench.errors import UserError
+from bench.evaluate.perplexity import perplexity
 from bench.registry import CompressionInfo, Method, Solution, register
 from methods import _delta_train as training
 
@@ -143,11 +155,27 @@ class DeltaLLM(Method):
         init: str = "svd"
         #: calibration windows held out of training to measure the KL of the untrained and the trained model
         eval_windows: int = 2
+        #: what the deltas train on: "calibration" (its windows, cycled) or "corpus" (packed text of bench.corpus)
+        train_data: str = "calibration"
+        #: the packaged corpus for train_data=corpus (see bench.corpus.SOURCES)
+        corpus: str = DEFAULT_SOURCE
+        #: tokens per training row for train_data=corpus; 0 = the calibration windows' length
+        train_seq_len: int = 0
+        #: rows per forward within a step of batch_size rows (gradients accumulate); 0 = the whole batch
+        micro_batch: int = 0
+        #: "auto" (bf16 autocast on CUDA, none on CPU), "bf16" or "off"; the KL is always taken in float32
+        autocast: str = "auto"
+        #: token counts (16k, 1M, ... accepted) at which to measure held-out KL and perplexity; 0 = before training
+        curve_at: list[str] = field(default_factory=list)
 
     def _kinds(self, adapter) -> list[str]:
         k = self.knobs
         if k.init not in ("svd", "whitened"):
             raise UserError(f"delta.init must be 'svd' or 'whitened', not {k.init!r}")
+        if k.train_data not in ("calibration", "corpus"):
+            raise UserError(f"delta.train_data must be 'calibration' or 'corpus', not {k.train_data!r}")
+        if k.autocast not in ("auto", "bf16", "off"):
+            raise UserError(f"delta.autocast must be 'auto', 'bf16' or 'off', not {k.autocast!r}")
         if k.group_size < 2:
             raise UserError("delta.group_size must be >= 2 (a base and at least one follower)")
         unknown = sorted(set(k.shared) - set(adapter.kinds()))
@@ -210,27 +238,84 @@ class DeltaLLM(Method):
                          "groups": solution.knobs["groups"], "deltas": len(deltas), "loss": "KL(teacher || student)"}
         if teacher is None:
             return CompressionInfo(train_tokens=0, details=details)
-        probe = train_windows[: max(n_eval, 1)]
+        rows, data_info = train_windows, {"train_data": "calibration", "rows": int(train_windows.shape[0]),
+                                          "seq_len": int(train_windows.shape[1])}
+        if k.train_data == "corpus" and k.train_tokens > 0:
+            rows, data_info = self._corpus_rows(calibration, k)
+        probe = rows[: max(n_eval, 1)]  # windows trained on, to see the training loss fall
         bs = calibration.batch_size
         kl = {"heldout_untrained": training.eval_kl(model, teacher, heldout, bs) if n_eval else None,
               "train_untrained": training.eval_kl(model, teacher, probe, bs)}
+        curve_at = sorted({parse_tokens(v) for v in k.curve_at})
+        if curve_at and not n_eval:
+            raise UserError("delta.curve_at measures on held-out calibration windows: set delta.eval_windows >= 1")
+        measure = None
+        if curve_at:
+            dense_ppl = perplexity(teacher, heldout, bs)["perplexity"]
+
+            def measure() -> dict:
+                return {"kl_heldout": training.eval_kl(model, teacher, heldout, bs),
+                        "ppl": perplexity(model, heldout, bs)["perplexity"]}
+
+            details["curve_dense_ppl"] = dense_ppl
+            points = [{"tokens": 0, "seconds": 0.0, **measure()}]  # before any training
         tokens = 0
         if k.train_tokens > 0:
             params = [p for d in deltas for p in (d.down.weight, d.up.weight)]
             if k.train_base:
                 params += list({id(d.base.weight): d.base.weight for d in deltas}.values())
             changed = sorted({b for g in solution.knobs["groups"] for b in (g if k.train_base else g[1:])})
+            device = next(model.parameters()).device
+            amp = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
+                   "off": None}[k.autocast]
             cfg = training.TrainConfig(tokens=k.train_tokens, batch_size=k.batch_size, lr=k.lr,
                                        temperature=k.temperature, pmr_start=k.pmr_start, pmr_warmup=k.pmr_warmup,
-                                       seed=calibration.seed)
-            log = training.train(model, adapter, teacher, train_windows, params, changed, cfg)
+                                       seed=calibration.seed, micro_batch=k.micro_batch, autocast=amp,
+                                       curve_at=tuple(curve_at))
+            log = training.train(model, adapter, teacher, rows, params, changed, cfg, measure)
             tokens = log["tokens"]
+            if measure is not None:
+                points += log.pop("points")
             details["train"] = log
+            details["train_data"] = data_info
             kl["heldout_trained"] = training.eval_kl(model, teacher, heldout, bs) if n_eval else None
             kl["train_trained"] = training.eval_kl(model, teacher, probe, bs)
+            if measure is not None and points[-1]["tokens"] != tokens:  # the end of training is the last point
+                points.append({"tokens": tokens, "seconds": log["seconds"], "kl_heldout": kl["heldout_trained"],
+                               "ppl": perplexity(model, heldout, bs)["perplexity"]})
+        if measure is not None:
+            details["curve"] = points
+            details["curve_skipped"] = [t for t in curve_at if t > tokens]
         details["kl"] = kl
         details["kl_windows"] = {"heldout": n_eval, "train_probe": int(probe.shape[0])}
         return CompressionInfo(train_tokens=tokens, details=details)
+
+    @staticmethod
+    def _corpus_rows(calibration: Calibration, k) -> tuple[torch.Tensor, dict]:
+        """Enough packed corpus rows for ``k.train_tokens`` in whole steps of ``k.batch_size`` rows."""
+        if calibration.tokenizer is None:
+            raise UserError("delta.train_data=corpus needs the model's tokenizer (the runner hands it over)")
+        seq_len = k.train_seq_len or calibration.seq_len
+        if seq_len < 2:
+            raise UserError(f"delta.train_seq_len must be >= 2 (or 0 for the calibration length), not {seq_len}")
+        steps = max(1, math.ceil(k.train_tokens / (k.batch_size * seq_len)))
+        t0 = time.perf_counter()
+        rows, info = packed_rows(calibration.tokenizer, seq_len, steps * k.batch_size, calibration.seed, k.corpus,
+                                 None if calibration.cache_dir is None else Path(calibration.cache_dir))
+        return rows, {"train_data": "corpus", **info, "prepare_seconds": round(time.perf_counter() - t0, 3)}
+
+
+def parse_tokens(value: int | str) -> int:
+    """A token count: an int, or a string such as "16384", "16k" or "1.5M"."""
+    text = str(value).strip().lower().replace("_", "")
+    scale = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}.get(text[-1:], 1)
+    try:
+        number = float(text[:-1] if scale > 1 else text)
+    except ValueError:
+        raise UserError(f"delta.curve_at: {value!r} is not a token count (e.g. 16384, 16k, 1M)") from None
+    if not math.isfinite(number) or number < 0:
+        raise UserError(f"delta.curve_at: {value!r} is not a token count (e.g. 16384, 16k, 1M)")
+    return int(round(number * scale))
 
 
 @torch.no_grad()

