@@ -168,3 +168,21 @@ def test_token_counts_and_bad_knobs():
     method = DeltaLLM(train_data="corpus", train_tokens=64)
     with pytest.raises(UserError, match="tokenizer"):
         method.compress(model, adapter, tiny_calibration(), method.solve(adapter, 0.1))
+
+
+@needs_corpus
+def test_bench_run_trains_on_the_corpus_and_records_the_curve(tmp_path, tiny_model_dir):
+    from bench.cli import main
+    from bench.records import load_records
+
+    rc = main(["run", "--model", str(tiny_model_dir), "--methods", "delta", "--ratio", "0.2", "--train-tokens", "256",
+               "--set", "delta.train_data=corpus", "--set", "delta.curve_at=0,128", "--set", "delta.train_seq_len=32",
+               "--set", "delta.batch_size=2", "--results-dir", str(tmp_path / "results"),
+               "--leaderboard-dir", str(tmp_path / "lb"), "--cache-dir", str(tmp_path / "cache"),
+               "--tasks", "arc_easy", "--limit", "2", "--calib-samples", "4", "--calib-seq-len", "32"])
+    assert rc == 0
+    rec = {r.method: r for r in load_records(tmp_path / "results")[0]}["delta"]
+    assert rec.status == "ok", rec.error
+    assert [p["tokens"] for p in rec.details["curve"]] == [0, 128, 256]
+    assert rec.details["train_data"]["train_data"] == "corpus" and rec.cost["train_tokens"] == 256
+    assert list((tmp_path / "cache" / "stats" / "corpus").glob("exllamav2-en-*.safetensors"))  # tokenised once
