@@ -164,6 +164,7 @@ def train(model: nn.Module, adapter, teacher: nn.Module, windows: torch.Tensor, 
     log = {"steps": steps, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
            "batch_windows": cfg.batch_size, "micro_batch": micro, "seq_len": int(windows.shape[1]), "lr": cfg.lr,
            "autocast": str(cfg.autocast).replace("torch.", "") if device.type == "cuda" and cfg.autocast else "off",
+           "param_dtype": str(params[0].dtype).replace("torch.", "") if params else None,
            "temperature": cfg.temperature, "pmr": {"start": cfg.pmr_start, "warmup": cfg.pmr_warmup},
            "loss_first": losses[0], "loss_last": losses[-1], "curve": curve(losses, probs)}
     if measure is not None:

@@ -163,7 +163,8 @@ class DeltaLLM(Method):
         train_seq_len: int = 0
         #: rows per forward within a step of batch_size rows (gradients accumulate); 0 = the whole batch
         micro_batch: int = 0
-        #: "auto" (bf16 autocast on CUDA, none on CPU), "bf16" or "off"; the KL is always taken in float32
+        #: "auto" (bf16 autocast on CUDA, none on CPU), "bf16" or "off"; the KL is always taken in float32. Autocast
+        #: keeps float32 master weights only when the model is loaded in float32 (bench run --dtype float32)
         autocast: str = "auto"
         #: token counts (16k, 1M, ... accepted) at which to measure held-out KL and perplexity; 0 = before training
         curve_at: list[str] = field(default_factory=list)
