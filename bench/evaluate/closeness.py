@@ -93,12 +93,13 @@ class Tracker:
         self.agree: list[torch.Tensor] = []
 
     def __call__(self, logp: torch.Tensor, batch: torch.Tensor) -> None:
-        pred = logp[:, :-1].reshape(-1, logp.shape[-1])
-        ref = [t.to(pred.device) for t in self.ref.slice(self.pos, self.pos + len(pred))]
-        kl, agree = kl_and_top1(*ref, pred, normalised=True)
-        self.kl.append(kl.cpu())
-        self.agree.append(agree.cpu())
-        self.pos += len(pred)
+        for row in logp:  # row by row: each row's [:-1] is a view, the batch's would be copied to flatten it
+            pred = row[:-1]
+            ref = [t.to(pred.device) for t in self.ref.slice(self.pos, self.pos + len(pred))]
+            kl, agree = kl_and_top1(*ref, pred, normalised=True)
+            self.kl.append(kl.cpu())
+            self.agree.append(agree.cpu())
+            self.pos += len(pred)
 
     def summary(self) -> dict:
         kl, agree = torch.cat(self.kl), torch.cat(self.agree)

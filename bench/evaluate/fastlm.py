@@ -24,7 +24,7 @@ from bench.models import kv_cache_kwarg, returned_kv_cache
 
 TOKENS_PER_BATCH = 2048  # tokens per forward, padding included: past this a CPU gains nothing
 GPU_TOKENS_PER_BATCH = 16384  # a GPU needs more to fill; only the scored positions' logits go to float32
-ROW_TOKENS, GPU_ROW_TOKENS = 512, 2048  # packed row length (or the longest group's, if longer)
+ROW_TOKENS, GPU_ROW_TOKENS = 256, 2048  # packed row length; a longer group gets a row of its own
 PACKED_ROWS = 512  # rows per packed forward; the token budget is what binds
 
 Request = tuple[tuple[str, str] | None, list[int], list[int]]
@@ -90,7 +90,7 @@ class SharedContextLM(HFLM):
         layout = packing.mask_layout(self.model)
         if layout is not None:
             lengths = [packing.group_length(c, x) for c, x in zip(contexts, choices, strict=True)]
-            rows = packing.fill_rows(lengths, max([GPU_ROW_TOKENS if gpu else ROW_TOKENS, *lengths]))
+            rows = packing.fill_rows(lengths, GPU_ROW_TOKENS if gpu else ROW_TOKENS)
             for batch in batches_by_tokens([sum(lengths[g] for g in r) for r in rows], budget, PACKED_ROWS):
                 packed = [[(list(contexts[g]), choices[g]) for g in rows[b]] for b in batch]
                 for b, row_answers in zip(batch, self._score_packed(packed, layout), strict=True):
