@@ -196,7 +196,7 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_throughput(args) -> int:
     from bench.adapters import get_adapter
     from bench.evaluate import throughput
-    from bench.evaluate.suite_eval import _windows
+    from bench.evaluate.suite_eval import _ppl_batch, _windows
     from bench.evaluate.zeroshot import resolve_tasks
     from bench.models import load_model
     from bench.suites import TASKS, get_suite
@@ -206,9 +206,10 @@ def cmd_throughput(args) -> int:
     if args.limit < 1:
         raise UserError(f"--limit {args.limit}: give a positive number of documents per task")
     loaded = load_model(args.model, "auto", "auto", args.cache_dir)
-    windows = _windows(loaded.tokenizer, get_adapter(loaded.model), get_suite("quick"))
+    quick = get_suite("quick")
+    windows = _windows(loaded.tokenizer, get_adapter(loaded.model), quick)
     print(throughput.report(throughput.measure(loaded.model, loaded.tokenizer, tasks, args.limit, args.stock,
-                                               windows=windows)))
+                                               windows=windows, ppl_batch=_ppl_batch(quick))))
     return 0
 
 
@@ -288,7 +289,7 @@ def cmd_run(args, cfg=None) -> int:
     keys = {r.key for r in records}
     from bench.evaluate import docs as docs_io
 
-    mine = leaderboard.frame(records, [docs_io.read_beside(args.results_dir, r) for r in records])
+    mine = leaderboard.frame(records, docs_io.read_each(args.results_dir, records))
     console.print(leaderboard.rich_table(mine, title=f"{records[0].model['name']} — suite {cfg.suite.name}"))
     computed = getattr(events, "counts", {}).get("ok", 0) + getattr(events, "counts", {}).get("failed", 0)
     console.print(f"records in {args.results_dir}/, leaderboard in {', '.join(map(str, paths))}; "

@@ -257,8 +257,7 @@ def compare_methods(results_dir: str, a: str, b: str, model: str | None = None, 
         seeds = ",".join(str(seed) for _, seed in keys)
         title = f"A = {a}, B = {b} — {m}, suite {s}, ratio {100 * target:.1f}%, seed{'s' * (len(keys) > 1)} {seeds}"
         ra, rb = [cells[a][k] for k in keys], [cells[b][k] for k in keys]
-        out.append(_comparison(title, ra, rb, [docs_io.read_beside(results_dir, r) for r in ra],
-                               [docs_io.read_beside(results_dir, r) for r in rb]))
+        out.append(_comparison(title, ra, rb, docs_io.read_each(results_dir, ra), docs_io.read_each(results_dir, rb)))
     return out
 
 

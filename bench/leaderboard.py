@@ -225,7 +225,7 @@ def write(results_dir: str | Path, out_dir: str | Path) -> tuple[pd.DataFrame, l
     if superseded:
         problems = [*problems, f"{superseded} older record(s) of the same cells superseded by newer ones "
                                "(kept on disk; the tables show the newest)"]
-    docs = [docs_io.read_beside(results_dir, r) for r in records]
+    docs = docs_io.read_each(results_dir, records)
     df = frame(records, docs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

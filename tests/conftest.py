@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import pathlib
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 import transformers
 
+from bench import registry
 from bench.calibration import Calibration
 
 TINY = dict(
@@ -144,3 +146,16 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> pathlib.Path:
     model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+@contextlib.contextmanager
+def registered(*classes):
+    """Test plugin methods registered (beside the discovered ones) while the block runs, removed after."""
+    registry.discover()
+    for cls in classes:
+        registry.register(cls)
+    try:
+        yield
+    finally:
+        for cls in classes:
+            registry._REGISTRY.pop(cls.name, None)

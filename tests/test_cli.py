@@ -4,11 +4,12 @@ import json
 
 import pytest
 
-from bench import registry, structure
+from bench import structure
 from bench.budget import count_params
 from bench.cli import main
 from bench.records import load_records
 from bench.registry import CompressionInfo, Method, Solution
+from tests.conftest import registered
 
 
 class DropLast(Method):
@@ -35,12 +36,8 @@ class Explodes(DropLast):
 
 @pytest.fixture
 def plugins():
-    registry.discover()
-    for cls in (DropLast, Explodes):
-        registry.register(cls)
-    yield
-    for cls in (DropLast, Explodes):
-        registry._REGISTRY.pop(cls.name, None)
+    with registered(DropLast, Explodes):
+        yield
 
 
 def _run(tmp_path, model_dir, *extra):

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from bench import records as records_mod
-from bench import registry, structure
+from bench import structure
 from bench.budget import count_params
 from bench.cli import main
 from bench.records import load_records
 from bench.registry import CompressionInfo, Method, Solution
+from tests.conftest import registered
 
 
 class _DropLast(Method):
@@ -54,12 +55,8 @@ class Fine(_DropLast):
 
 @pytest.fixture
 def plugins():
-    registry.discover()
-    for cls in (OutOfMemory, Collapses, Fine):
-        registry.register(cls)
-    yield
-    for cls in (OutOfMemory, Collapses, Fine):
-        registry._REGISTRY.pop(cls.name, None)
+    with registered(OutOfMemory, Collapses, Fine):
+        yield
 
 
 def _args(tmp_path, model_dir):

@@ -12,9 +12,9 @@ import pytest
 import test_faults
 from test_faults import _DropLast
 
-from bench import registry
 from bench.cli import main
 from bench.records import load_records
+from tests.conftest import registered
 
 
 @dataclass
@@ -60,12 +60,8 @@ def ray_local():
 
 @pytest.fixture
 def plugins():
-    registry.discover()
-    for cls in (DiesOnce, Raises):
-        registry.register(cls)
-    yield
-    for cls in (DiesOnce, Raises):
-        registry._REGISTRY.pop(cls.name, None)
+    with registered(DiesOnce, Raises):
+        yield
 
 
 def _args(tmp_path, model_dir, name):

@@ -95,3 +95,8 @@ def read_beside(results_dir: str | os.PathLike, rec: Any) -> dict[str, dict] | N
     from bench.records import record_path
 
     return read(docs_path(record_path(results_dir, rec)), rec.key)
+
+
+def read_each(results_dir: str | os.PathLike, records: list[Any]) -> list[dict[str, dict] | None]:
+    """``read_beside`` for each of ``records``, in order (what the tables pair their documents from)."""
+    return [read_beside(results_dir, r) for r in records]

@@ -9,7 +9,6 @@ tokens/s. The ratio says how close evaluation comes to the hardware's speed.
 from __future__ import annotations
 
 import functools
-import math
 import time
 from dataclasses import dataclass
 
@@ -73,34 +72,34 @@ def raw_forward(model: torch.nn.Module, vocab: int, batch: int, seq_len: int, re
         return repeats * ids.numel() / (time.perf_counter() - t0)
 
 
+def timed(model: torch.nn.Module, run) -> dict:
+    """Wall time of ``run()`` with the model's forwards counted (``Counter``), and the tokens/s that makes."""
+    counter = Counter()
+    original = counter.wrap(model)
+    t0 = time.perf_counter()
+    try:
+        run()
+    finally:
+        model.forward = original
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "forward_s": counter.seconds, "tokens": counter.tokens, "padded_tokens": counter.padded,
+            "forwards": counter.calls, "eval_tokens_per_s": counter.tokens / wall}
+
+
 def measure(model, tokenizer, tasks: list[str], limit: int, stock: bool, windows: torch.Tensor | None = None,
-            batch: int = 8, seq_len: int = 256, repeats: int = 3) -> dict:
+            ppl_batch: int = 4, batch: int = 8, seq_len: int = 256, repeats: int = 3) -> dict:
     """Zero-shot wall time and tokens for each backend, the perplexity pass (with the closeness tracker, as a
-    cell runs it) over ``windows``, and the raw forward tokens/s measured before and after (their mean, so that
-    a machine whose load changes during the run is not compared at one moment only)."""
+    cell runs it, ``ppl_batch`` windows a forward) over ``windows``, and the raw forward tokens/s measured before
+    and after (their mean, so that a machine whose load changes during the run is not compared at one moment)."""
     zeroshot.prepare(tasks, limit)  # task loading and the document sample are paid once per process, not timed
-    reference = closeness.dense_reference(model, windows, 4, None, "throughput") if windows is not None else None
+    reference = None if windows is None else closeness.dense_reference(model, windows, ppl_batch, None, "throughput")
     raw_before = raw_forward(model, len(tokenizer), batch, seq_len, repeats)
     out = {}
     for name, use_stock in ([("stock HFLM", True)] if stock else []) + [("SharedContextLM", False)]:
-        counter = Counter()
-        original = counter.wrap(model)
-        t0 = time.perf_counter()
-        try:
-            zeroshot.zero_shot(model, tokenizer, tasks, limit, stock_lm=use_stock)
-        finally:
-            model.forward = original
-        wall = time.perf_counter() - t0
-        out[name] = {"wall_s": wall, "forward_s": counter.seconds, "tokens": counter.tokens,
-                     "padded_tokens": counter.padded, "forwards": counter.calls,
-                     "eval_tokens_per_s": counter.tokens / wall}
+        out[name] = timed(model, lambda s=use_stock: zeroshot.zero_shot(model, tokenizer, tasks, limit, stock_lm=s))
     if reference is not None:
-        t0 = time.perf_counter()
-        perplexity(model, windows, batch_size=4, observe=closeness.Tracker(reference))
-        wall = time.perf_counter() - t0
-        out["perplexity + closeness"] = {"wall_s": wall, "forward_s": math.nan, "tokens": windows.numel(),
-                                         "padded_tokens": windows.numel(), "forwards": -(-len(windows) // 4),
-                                         "eval_tokens_per_s": windows.numel() / wall}
+        out["perplexity + closeness"] = timed(model, lambda: perplexity(
+            model, windows, batch_size=ppl_batch, observe=closeness.Tracker(reference)))
     raw_after = raw_forward(model, len(tokenizer), batch, seq_len, repeats)
     out["raw_tokens_per_s"] = (raw_before + raw_after) / 2
     out["raw_spread"] = (raw_before, raw_after)
@@ -114,8 +113,7 @@ def report(fig: dict) -> str:
     for name, f in fig.items():
         if name in ("raw_tokens_per_s", "raw_spread"):
             continue
-        inside = f" ({f['forward_s']:.1f} s in forward)" if f["forward_s"] == f["forward_s"] else ""
-        lines.append(f"{name}: {f['wall_s']:.1f} s{inside}, {f['forwards']} forwards, {f['tokens']:,} tokens "
+        lines.append(f"{name}: {f['wall_s']:.1f} s ({f['forward_s']:.1f} s in forward), {f['forwards']} forwards, {f['tokens']:,} tokens "
                      f"({f['padded_tokens']:,} with padding, {100 * f['tokens'] / max(f['padded_tokens'], 1):.0f} % "
                      f"useful); evaluation {f['eval_tokens_per_s']:.0f} tokens/s = "
                      f"{100 * f['eval_tokens_per_s'] / raw:.0f} % of raw")

@@ -203,17 +203,13 @@ def zero_shot(
         raise UserError(f"limit must be a positive number of documents (or None for all), got {limit}")
     if not tasks:
         raise UserError("no zero-shot tasks given: name at least one, e.g. arc_easy")
-    _go_offline()
-    _quiet_lm_eval()
+    lm_names, manager, (task_objects, ids, sample) = _prepared(tasks, limit, sample_seed)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     from bench.evaluate.fastlm import SharedContextLM
 
-    lm_names = resolve_tasks(tasks)
-    manager = task_manager(stock=any(n not in LOCAL_TASKS for n in tasks))
     lm = (HFLM if stock_lm else SharedContextLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    task_objects, ids, sample = _sampled(tuple(lm_names), manager, limit, sample_seed)
     if not sys.stderr.isatty():  # lm-eval's request bar floods logs; keep it only on a terminal
         lm.loglikelihood = functools.partial(lm.loglikelihood, disable_tqdm=True)
     out = lm_eval.simple_evaluate(
@@ -248,10 +244,16 @@ def zero_shot(
 def prepare(tasks: list[str], limit: int | None, sample_seed: int = 0) -> None:
     """Load the tasks and draw their document sample now (once per process), so that a timed ``zero_shot``
     measures evaluation, not the first call's data loading."""
+    _prepared(tasks, limit, sample_seed)
+
+
+def _prepared(tasks: list[str], limit: int | None, sample_seed: int) -> tuple[list[str], Any, tuple]:
+    """Offline lm-eval, the tasks' lm-eval names, their task manager and ``_sampled``'s (cached) sample."""
     _go_offline()
     _quiet_lm_eval()
     lm_names = resolve_tasks(tasks)
-    _sampled(tuple(lm_names), task_manager(stock=any(n not in LOCAL_TASKS for n in tasks)), limit, sample_seed)
+    manager = task_manager(stock=any(n not in LOCAL_TASKS for n in tasks))
+    return lm_names, manager, _sampled(tuple(lm_names), manager, limit, sample_seed)
 
 
 @functools.lru_cache(maxsize=8)
