@@ -20,7 +20,6 @@ more entry in :data:`SOURCES`.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 import warnings
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from bench import integrity
+from bench.data import package_file
 from bench.errors import UserError
 
 #: bump when tokenising or splitting changes, so cached ids are not reused
@@ -76,17 +76,8 @@ def source(name: str) -> Source:
 
 def source_files(src: Source) -> list[Path]:
     """The source's files inside the installed package (found without importing it)."""
-    spec = importlib.util.find_spec(src.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"training corpus {src.name!r} needs the package {src.package}: install it with "
-                        f"`{src.install}`")
-    root = Path(spec.submodule_search_locations[0])
-    paths = [root / rel for rel in src.files]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise UserError(f"training corpus {src.name!r}: {', '.join(missing)} not found; reinstall with "
-                        f"`{src.install}`")
-    return paths
+    return [package_file(src.package, rel, f"training corpus {src.name!r}", f"install it with `{src.install}`")
+            for rel in src.files]
 
 
 def split(text: str, how: str) -> list[str]:

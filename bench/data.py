@@ -39,15 +39,21 @@ class TextSplit:
     test_fraction: float
 
 
-def wiki_text_path() -> Path:
-    """Path of `wiki.utf8` inside the installed exllamav2 package (found without importing it)."""
-    spec = importlib.util.find_spec(WIKI_PACKAGE)
+def package_file(package: str, relpath: Path | str, what: str, hint: str) -> Path:
+    """Path of a data file inside an installed package, found without importing it (nothing compiles); a
+    missing package or file is a UserError naming ``what`` and the ``hint`` that installs it."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"packaged Wikipedia text not found: {INSTALL_HINT}")
-    path = Path(spec.submodule_search_locations[0]) / WIKI_RELPATH
+        raise UserError(f"{what} not found: {hint}")
+    path = Path(spec.submodule_search_locations[0]) / relpath
     if not path.is_file():
-        raise UserError(f"packaged Wikipedia text not found at {path}: {INSTALL_HINT}")
+        raise UserError(f"{what} not found at {path}: {hint}")
     return path
+
+
+def wiki_text_path() -> Path:
+    """Path of `wiki.utf8` inside the installed exllamav2 package."""
+    return package_file(WIKI_PACKAGE, WIKI_RELPATH, "packaged Wikipedia text", INSTALL_HINT)
 
 
 def split_documents(text: str) -> list[str]:
