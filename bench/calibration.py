@@ -50,6 +50,8 @@ class Calibration:
     model_key: str = ""
     #: the model's tokenizer, for a method that reads text of its own (DeltaLLM's training corpus); None in tests
     tokenizer: Any = None
+    #: where the work runs and whether blocks are offloaded (bench.placement.Placement); None: the model's device
+    placement: Any = None
 
     @property
     def n_samples(self) -> int:
