@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench import integrity
+from bench import blockwise, integrity
 from bench.claims import Claims
+from bench.placement import of
 
 #: bump when a statistic's definition changes, so stored ones are not reused
 STATS_VERSION = 2  # 2: files carry a content digest
@@ -80,10 +81,11 @@ class Calibration:
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
         return Path(self.cache_dir) / f"{name}-{key}.safetensors"
 
-    def log(self, name: str, source: str, seconds: float = 0.0) -> None:
+    def log(self, name: str, source: str, seconds: float = 0.0, **extra) -> None:
         """Say where statistic ``name`` came from and what getting it cost (what a cache hit saves is
-        the ``seconds`` of the cell that computed it minus its own)."""
-        self.memo.setdefault("log", []).append({"statistic": name, "source": source, "seconds": round(seconds, 3)})
+        the ``seconds`` of the cell that computed it minus its own); ``extra``: how (engine, streamed)."""
+        self.memo.setdefault("log", []).append({"statistic": name, "source": source, "seconds": round(seconds, 3),
+                                                **extra})
 
     def describe(self) -> dict:
         return {"source": self.source, "n_samples": self.n_samples, "seq_len": self.seq_len,
@@ -107,30 +109,82 @@ def hooks(handles: list):
 def forward_all(model: nn.Module, calib: Calibration, progress: Progress = None) -> None:
     """Run every calibration batch through ``model`` (hooks do the collecting)."""
     model.eval()
-    device = model_device(model)
+    device = model_device(model)  # with an offloaded model (blockwise.streaming) the embeddings' device
     for batch in calib.batches(device):
         model(input_ids=batch, use_cache=False)
         if progress:
             progress(int(batch.shape[0]))
 
 
+#: whole-model statistics up to this size are kept for the run (shared by methods, stored on disk); larger ones are
+#: streamed block by block and each block's are freed with it (SmolLM2-135M's Grams: 0.8 GB; a 7B model's: 44 GB)
+KEEP_STATS_BYTES = 2 * 2**30
+
+
+def gram_bytes(adapter) -> int:
+    """Bytes of one block's Gram matrices (float64, one per linear role)."""
+    return 8 * sum(adapter.linear(0, next(s.kind for s in adapter.slots if s.role == role)).in_features ** 2
+                   for role in adapter.roles())
+
+
 def collect_grams(model: nn.Module, adapter, calib: Calibration, progress: Progress = None) -> dict:
     """G = sum over tokens of x x^T (float64) for the input of every linear role of every block.
 
-    Returns ``{(block_index, role): G}``. Linears of one role (q, k, v) share their input, so one hook
-    on the first linear of each role serves them all.
+    Returns ``{(block_index, role): G}``, every block's at once (see :func:`block_grams` for one block at a time).
+    Linears of one role (q, k, v) share their input, so one statistic serves them all.
     """
     if "grams" in calib.memo:
         calib.log("grams", "memory")
         return calib.memo["grams"]
     t0 = time.perf_counter()
+    placement = of(calib, model)
     path = calib.stats_path("grams", adapter)
-    stored = _load(path, model_device(model))
+    stored = _load(path, placement.home)
     if stored is not None:
         grams = {(int(k.split(".")[0]), k.split(".", 1)[1]): v for k, v in stored.items()}
         calib.memo["grams"] = grams
         calib.log("grams", f"disk {path}", time.perf_counter() - t0)
         return grams
+    try:
+        if placement.engine == "whole":
+            grams = _whole_model_grams(model, adapter, calib, progress)
+        else:
+            grams = {}
+            for step in blockwise.walk(model, adapter, list(calib.batches(placement.device)), placement, ["grams"]):
+                for b, stats in step.stats.items():
+                    grams.update({(b, role): g.to(placement.home) for role, g in stats["grams"].items()})
+        calib.memo["grams"] = grams
+        calib.log("grams", "computed", time.perf_counter() - t0, engine=placement.engine)
+        _store(path, {f"{b}.{role}": g for (b, role), g in grams.items()})
+    finally:
+        _release(path)
+    return grams
+
+
+def block_grams(model: nn.Module, adapter, calib: Calibration, groups=1) -> Iterator[blockwise.Step]:
+    """Each group of consecutive blocks on the work device with its blocks' Grams: ``step.stats[b]["grams"][role]``.
+
+    Grams of a whole model up to :data:`KEEP_STATS_BYTES` come from :func:`collect_grams` (memoised, stored on disk,
+    shared with other methods); larger ones are computed for one group at a time and freed with it. Either way the
+    method sees the dense model's Grams and may edit each group's blocks in its step.
+    """
+    placement = of(calib, model)
+    if placement.engine == "whole" or "grams" in calib.memo or \
+            gram_bytes(adapter) * adapter.num_blocks <= KEEP_STATS_BYTES:
+        grams = collect_grams(model, adapter, calib)
+        for group in blockwise.partition(adapter.num_blocks, groups):
+            with blockwise.at_work(placement, adapter, group):
+                yield blockwise.Step(blocks=group, stats={b: {"grams": {r: grams[(b, r)] for r in adapter.roles()}}
+                                                          for b in group})
+        return
+    t0 = time.perf_counter()
+    yield from blockwise.walk(model, adapter, list(calib.batches(placement.device)), placement, ["grams"], groups)
+    calib.log("grams", "computed", time.perf_counter() - t0, engine=placement.engine,
+              kept=False)  # streamed: each block's freed with it (too large to keep)
+
+
+def _whole_model_grams(model: nn.Module, adapter, calib: Calibration, progress: Progress) -> dict:
+    """The reference path: one whole-model forward per batch with hooks on every block (all Grams alive at once)."""
     grams: dict = {}
 
     def make_hook(key):
@@ -147,22 +201,16 @@ def collect_grams(model: nn.Module, adapter, calib: Calibration, progress: Progr
         for role in adapter.roles():
             first = next(s for s in adapter.slots if s.role == role)
             handles.append(adapter.linear(b, first.kind).register_forward_pre_hook(make_hook((b, role))))
-    try:
-        with hooks(handles):
-            forward_all(model, calib, progress)
-        calib.memo["grams"] = grams
-        calib.log("grams", "computed", time.perf_counter() - t0)
-        _store(path, {f"{b}.{role}": g for (b, role), g in grams.items()})
-    finally:
-        _release(path)
+    with hooks(handles), blockwise.streaming(model, adapter, of(calib, model)):
+        forward_all(model, calib, progress)
     return grams
 
 
 def collect_block_cosines(model: nn.Module, adapter, calib: Calibration, progress: Progress = None,
                           segment: int | None = None) -> torch.Tensor:
-    """Mean over tokens of cos(h_in, h_out) for every block, from hooks on the blocks themselves.
+    """Mean over tokens of cos(h_in, h_out) for every block (the blocks' own input and output, not
+    ``output_hidden_states``, whose last entry Hugging Face passes through the final norm).
 
-    Hooks (not ``output_hidden_states``) because Hugging Face applies the final norm to the last hidden state.
     ``segment``: score each window as independent pieces of this many tokens (each its own forward, positions
     from 0), as ShortGPT's official run does with 256; None or 0 (or a length >= the window) = whole windows.
     The segment length is part of the statistic's name, so its memo and disk cache never mix the two.
@@ -179,6 +227,31 @@ def collect_block_cosines(model: nn.Module, adapter, calib: Calibration, progres
         calib.memo[name] = stored["cosines"]
         calib.log(name, f"disk {path}", time.perf_counter() - t0)
         return stored["cosines"]
+    placement = of(calib, model)
+    pieces = [calib] if whole else [Calibration(tokens=group, batch_size=calib.batch_size)
+                                    for group in _segments(calib.tokens, int(segment))]
+    try:
+        if placement.engine == "whole":
+            sums, counts = _whole_model_cosines(model, adapter, pieces, placement, progress)
+        else:
+            sums = torch.zeros(adapter.num_blocks, dtype=torch.float64)
+            counts = torch.zeros(adapter.num_blocks, dtype=torch.float64)
+            batches = [b for part in pieces for b in part.batches(placement.device)]
+            for step in blockwise.walk(model, adapter, batches, placement, ["block_cosine"]):
+                for i, stats in step.stats.items():
+                    sums[i], counts[i] = stats["block_cosine"]
+        result = sums / counts.clamp(min=1)
+        calib.memo[name] = result
+        calib.log(name, "computed", time.perf_counter() - t0, engine=placement.engine)
+        _store(path, {"cosines": result})
+    finally:
+        _release(path)
+    return result
+
+
+def _whole_model_cosines(model: nn.Module, adapter, pieces: list[Calibration], placement,
+                         progress: Progress) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference path: hooks on every block during whole-model forwards."""
     n = adapter.num_blocks
     sums = torch.zeros(n, dtype=torch.float64)
     counts = torch.zeros(n, dtype=torch.float64)
@@ -195,7 +268,7 @@ def collect_block_cosines(model: nn.Module, adapter, calib: Calibration, progres
             h_in = inputs.pop(i).float()
             h_out = adapter.block_output(output).detach().float()
             cos = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)
-            sums[i] += cos.double().sum().cpu()
+            sums[i] += float(cos.double().sum())
             counts[i] += cos.numel()
 
         return hook
@@ -204,19 +277,10 @@ def collect_block_cosines(model: nn.Module, adapter, calib: Calibration, progres
     for i, block in enumerate(adapter.blocks()):
         handles.append(block.register_forward_pre_hook(pre(i), with_kwargs=True))
         handles.append(block.register_forward_hook(post(i), with_kwargs=True))
-    pieces = [calib] if whole else [Calibration(tokens=group, batch_size=calib.batch_size)
-                                    for group in _segments(calib.tokens, int(segment))]
-    try:
-        with hooks(handles):
-            for part in pieces:
-                forward_all(model, part, progress)
-        result = sums / counts.clamp(min=1)
-        calib.memo[name] = result
-        calib.log(name, "computed", time.perf_counter() - t0)
-        _store(path, {"cosines": result})
-    finally:
-        _release(path)
-    return result
+    with hooks(handles), blockwise.streaming(model, adapter, placement):
+        for part in pieces:
+            forward_all(model, part, progress)
+    return sums, counts
 
 
 def _segments(tokens: torch.Tensor, segment: int) -> list[torch.Tensor]:

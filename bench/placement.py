@@ -59,7 +59,7 @@ class Placement:
         if not self.offload:
             yield
             return
-        size = sum(module_bytes(m) for m in modules)
+        size = module_bytes(*modules)
         self.account(size)
         try:
             for m in modules:
@@ -71,10 +71,10 @@ class Placement:
             self.account(-size)
 
 
-def module_bytes(module: nn.Module) -> int:
-    """Bytes of a module's distinct parameter and buffer storages."""
+def module_bytes(*modules: nn.Module) -> int:
+    """Bytes of the distinct parameter and buffer storages of ``modules`` (a shared one counted once)."""
     seen, total = set(), 0
-    for t in [*module.parameters(), *module.buffers()]:
+    for t in [t for m in modules for t in (*m.parameters(), *m.buffers())]:
         ptr = t.untyped_storage().data_ptr()
         if ptr not in seen:
             seen.add(ptr)

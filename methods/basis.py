@@ -23,8 +23,9 @@ from torch import nn
 
 from bench import structure
 from bench.budget import count_params
-from bench.calibration import Calibration, collect_grams
+from bench.calibration import Calibration, block_grams
 from bench.errors import UserError
+from bench.placement import of
 from bench.registry import CompressionInfo, Method, Solution, register
 from methods._whiten import Unit, solve_ratio, whitened_svd
 
@@ -91,35 +92,38 @@ class BasisSharing(Method):
                         predicted_params=plan.params, notes=notes)
 
     def compress(self, model: nn.Module, adapter, calibration: Calibration, solution: Solution) -> CompressionInfo:
-        grams = collect_grams(model, adapter, calibration)
         ranks, shared = solution.knobs["ranks"], solution.knobs["shared"]
-        coeffs: list[tuple] = []  # (block, kind, factorised linear, original weight) of the shared kinds
+        coeffs: list[tuple] = []  # (block, kind, factorised linear, original weight at home) of the shared kinds
         errors: dict[str, float] = {}
         will_refit = solution.knobs["r_lin"] >= self.knobs.refit_from
-        for kind in adapter.kinds():
-            role = adapter.role_of(kind)
-            for g in groups_of(adapter.num_blocks, self.knobs.group_size if kind in shared else 1):
-                name = _unit_name(kind, g)
-                if name not in ranks:
-                    continue
-                lins = [adapter.linear(b, kind) for b in g]
-                stacked = torch.cat([m.weight.detach() for m in lins], dim=0)
-                gram = sum(grams[(b, role)] for b in g)
-                f = whitened_svd(stacked, gram, ranks[name], split="down")
-                biases = [None if m.bias is None else m.bias.detach().clone() for m in lins]
-                originals = [m.weight.detach().clone() for m in lins] if kind in shared and will_refit else [None] * len(g)
-                new = structure.apply(model, adapter, "share_basis",
-                                      modules=[adapter.linear_name(b, kind) for b in g], rank=ranks[name])
-                new[0].down.weight.data.copy_(f.down.to(new[0].down.weight))
-                rows = 0
-                for b, lin, bias, orig in zip(g, new, biases, originals, strict=True):
-                    lin.up.weight.data.copy_(f.up[rows : rows + lin.out_features].to(lin.up.weight))
-                    rows += lin.out_features
-                    if bias is not None:
-                        lin.up.bias.data.copy_(bias)
-                    if orig is not None:
-                        coeffs.append((b, kind, lin, orig))
-                errors[name] = f.truncated_energy / max(float(f.sigma.square().sum().sqrt()), 1e-30)
+        home = of(calibration, model).home
+        for step in block_grams(model, adapter, calibration, self.knobs.group_size):  # a group at a time
+            for kind in adapter.kinds():
+                role = adapter.role_of(kind)
+                for g in groups_of(len(step.blocks), len(step.blocks) if kind in shared else 1):
+                    g = [step.blocks[i] for i in g]
+                    name = _unit_name(kind, g)
+                    if name not in ranks:
+                        continue
+                    lins = [adapter.linear(b, kind) for b in g]
+                    stacked = torch.cat([m.weight.detach() for m in lins], dim=0)
+                    gram = sum(step.stats[b]["grams"][role] for b in g)
+                    f = whitened_svd(stacked, gram, ranks[name], split="down")
+                    biases = [None if m.bias is None else m.bias.detach().clone() for m in lins]
+                    originals = ([m.weight.detach().to(home, copy=True) for m in lins] if kind in shared and will_refit
+                                 else [None] * len(g))
+                    new = structure.apply(model, adapter, "share_basis",
+                                          modules=[adapter.linear_name(b, kind) for b in g], rank=ranks[name])
+                    new[0].down.weight.data.copy_(f.down.to(new[0].down.weight))
+                    rows = 0
+                    for b, lin, bias, orig in zip(g, new, biases, originals, strict=True):
+                        lin.up.weight.data.copy_(f.up[rows : rows + lin.out_features].to(lin.up.weight))
+                        rows += lin.out_features
+                        if bias is not None:
+                            lin.up.bias.data.copy_(bias)
+                        if orig is not None:
+                            coeffs.append((b, kind, orig))
+                    errors[name] = f.truncated_energy / max(float(f.sigma.square().sum().sqrt()), 1e-30)
         details = {"r_lin": solution.knobs["r_lin"], "shared": shared, "factorisations": len(errors),
                    "relative_output_error_worst": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:5])}
         if coeffs:
@@ -131,25 +135,31 @@ class BasisSharing(Method):
 def refit(model, adapter, calibration: Calibration, coeffs) -> dict:
     """Least-squares coefficients on the compressed model's inputs: C = W G' D^T (D G' D^T)^(-1).
 
-    ``coeffs`` holds (block, kind, factorised linear, original weight). G' is the Gram of that linear's input
-    when the calibration data runs through the compressed model, so later layers absorb earlier layers'
-    errors. Returns the relative output error on those inputs before and after, summed over the layers.
+    ``coeffs`` holds (block, kind, original weight). G' is the Gram of that linear's input when the calibration
+    data runs through the compressed model (every block as compressed, none refitted yet), so later layers absorb
+    earlier layers' errors. Returns the relative output error on those inputs before and after, summed over layers.
     """
-    fresh = Calibration(tokens=calibration.tokens, seed=calibration.seed, batch_size=calibration.batch_size)
-    grams = collect_grams(model, adapter, fresh)
+    fresh = Calibration(tokens=calibration.tokens, seed=calibration.seed, batch_size=calibration.batch_size,
+                        placement=calibration.placement)
+    by_block: dict[int, list[tuple]] = {}
+    for b, kind, weight in coeffs:
+        by_block.setdefault(b, []).append((kind, weight))
     before = after = total = 0.0
-    for b, kind, lin, weight in coeffs:
-        g = grams[(b, adapter.role_of(kind))].double()
-        d, w, c_old = lin.down.weight.double(), weight.double().to(g.device), lin.up.weight.double()
-        d, c_old = d.to(g.device), c_old.to(g.device)
-        dgd = d @ g @ d.T
-        dgd = dgd + 1e-10 * dgd.diagonal().mean() * torch.eye(dgd.shape[0], dtype=dgd.dtype, device=dgd.device)
-        c = torch.linalg.solve(dgd, d @ g @ w.T).T  # (W G D^T) (D G D^T)^-1, solved without an inverse
+    for step in block_grams(model, adapter, fresh):  # the outputs feeding the next block were taken before the edit
+        for b in step.blocks:
+            for kind, weight in by_block.get(b, []):
+                lin = adapter.linear(b, kind)
+                g = step.stats[b]["grams"][adapter.role_of(kind)].double()
+                d, w, c_old = lin.down.weight.double(), weight.double().to(g.device), lin.up.weight.double()
+                d, c_old = d.to(g.device), c_old.to(g.device)
+                dgd = d @ g @ d.T
+                dgd = dgd + 1e-10 * dgd.diagonal().mean() * torch.eye(dgd.shape[0], dtype=dgd.dtype, device=dgd.device)
+                c = torch.linalg.solve(dgd, d @ g @ w.T).T  # (W G D^T) (D G D^T)^-1, solved without an inverse
 
-        total += _gram_norm2(w, g)
-        before += _gram_norm2(w - c_old @ d, g)
-        after += _gram_norm2(w - c @ d, g)
-        lin.up.weight.data.copy_(c.to(lin.up.weight))
+                total += _gram_norm2(w, g)
+                before += _gram_norm2(w - c_old @ d, g)
+                after += _gram_norm2(w - c @ d, g)
+                lin.up.weight.data.copy_(c.to(lin.up.weight))
     scale = max(total, 1e-30)
     return {"layers": len(coeffs), "relative_error_before": (before / scale) ** 0.5,
             "relative_error_after": (after / scale) ** 0.5}

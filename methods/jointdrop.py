@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bench import structure
+from bench import blockwise, structure
 from bench.adapters.base import get_module, set_module
 from bench.budget import count_params
 from bench.calibration import Calibration, collect_block_cosines, forward_all, hooks
 from bench.errors import UserError
+from bench.placement import of
 from bench.registry import CompressionInfo, Method, Solution, register
 from methods._layerdrop import block_budget, cosine_sum, lowest, solve_counts, sublayer_sizes, uniform
 
@@ -85,6 +86,24 @@ def sublayer_importance(model: nn.Module, adapter, calibration: Calibration) -> 
     """
     if "sublayer_importance" in calibration.memo:
         return calibration.memo["sublayer_importance"]
+    placement = of(calibration, model)
+    n = adapter.num_blocks
+    if placement.engine == "whole":
+        sums, tokens = _whole_model_sums(model, adapter, calibration, placement)
+    else:
+        sums, tokens = {"attn": [0.0] * n, "mlp": [0.0] * n}, [0] * n
+        batches = list(calibration.batches(placement.device))
+        for step in blockwise.walk(model, adapter, batches, placement, ["sublayer_cosine"]):
+            for i, stats in step.stats.items():
+                got = stats["sublayer_cosine"]
+                sums["attn"][i], sums["mlp"][i], tokens[i] = got["attn"], got["mlp"], got["tokens"]
+    result = {k: [1.0 - s / max(t, 1) for s, t in zip(v, tokens, strict=True)] for k, v in sums.items()}
+    calibration.memo["sublayer_importance"] = result
+    return result
+
+
+def _whole_model_sums(model: nn.Module, adapter, calibration: Calibration, placement) -> tuple[dict, list[int]]:
+    """The reference path: hooks on every block during whole-model forwards."""
     n = adapter.num_blocks
     sums = {"attn": [0.0] * n, "mlp": [0.0] * n}
     tokens = [0] * n
@@ -117,11 +136,9 @@ def sublayer_importance(model: nn.Module, adapter, calibration: Calibration) -> 
         norm = get_module(block, adapter.mlp_norm_path)
         handles.append(norm.register_forward_pre_hook(pre_mlp_norm(i), with_kwargs=True))
         handles.append(block.register_forward_hook(post_block(i), with_kwargs=True))
-    with hooks(handles):
+    with hooks(handles), blockwise.streaming(model, adapter, placement):
         forward_all(model, calibration)
-    result = {k: [1.0 - s / max(t, 1) for s, t in zip(v, tokens, strict=True)] for k, v in sums.items()}
-    calibration.memo["sublayer_importance"] = result
-    return result
+    return sums, tokens
 
 
 @register

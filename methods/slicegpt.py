@@ -34,60 +34,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bench import structure
+from bench import blockwise, structure
 from bench.adapters.base import get_module
 from bench.budget import count_params
 from bench.calibration import Calibration, hooks, model_device
 from bench.errors import UserError
+from bench.placement import of
 from bench.registry import CompressionInfo, Method, Solution, register
 from methods._slicing import Plan, check_supported, kept_width, predict_params
 
 ROTATIONS = ("block", "global")
 SIGNALS = ("raw", "normed")
 VARIANTS = ("slimbench", "official")
-
-
-class _Stop(Exception):
-    """Raised by the last recorder: nothing after the blocks is needed."""
-
-
-class _Recorder(nn.Module):
-    """Stands in for a block while capturing: keeps its keyword arguments (and block 0's input), passes x on."""
-
-    def __init__(self, kwargs_sink: list, input_sink: list | None, last: bool):
-        super().__init__()
-        self.kwargs_sink, self.input_sink, self.last = kwargs_sink, input_sink, last
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self.kwargs_sink.append(kwargs)
-        if self.input_sink is not None:
-            self.input_sink.append(hidden_states)
-        if self.last:
-            raise _Stop
-        return hidden_states
-
-
-@torch.no_grad()
-def capture_inputs(model: nn.Module, adapter, calib: Calibration) -> tuple[list[torch.Tensor], list[list[dict]]]:
-    """Block 0's input per batch and every block's keyword arguments per batch (masks differ by layer type)."""
-    blocks = adapter.blocks()
-    saved = list(blocks)
-    n = len(saved)
-    inputs: list[torch.Tensor] = []
-    kwargs: list[list[dict]] = [[] for _ in range(n)]
-    try:
-        for i in range(n):
-            blocks[i] = _Recorder(kwargs[i], inputs if i == 0 else None, i == n - 1)
-        model.eval()
-        for batch in calib.batches(model_device(model)):
-            try:
-                model(input_ids=batch, use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        for i, block in enumerate(saved):
-            blocks[i] = block
-    return inputs, kwargs
 
 
 def gram(x: torch.Tensor, normed: bool = False) -> torch.Tensor:
@@ -277,15 +235,18 @@ class SliceGPT(Method):
         self._check(adapter)
         plan = self.plan(adapter, int(solution.knobs["width"]))
         n = adapter.num_blocks
-        final_gain = adapter.norm_gain(adapter.final_norm()).double()
-        emb_dense = adapter.embeddings().weight.detach()
-        head_dense = adapter.lm_head().weight.detach()
+        placement = of(calibration, model)
+        work = placement.device  # the ends are small: their maths runs on the work device, results copied home
+        final_gain = adapter.norm_gain(adapter.final_norm()).double().to(work)
+        emb_dense = adapter.embeddings().weight.detach().to(work)
+        head_dense = adapter.lm_head().weight.detach().to(work)
         if self.knobs.rotation == "global":
             q_global, vals = self._global_rotation(model, adapter, calibration)
             xs, kwargs, q0 = [], [], q_global
         else:
             q_global = None
-            xs, kwargs = capture_inputs(model, adapter, calibration)
+            cap = blockwise.capture(model, adapter, list(calibration.batches(work)), placement)
+            xs, kwargs = cap.inputs, cap.kwargs
             if self.knobs.variant == "official":  # the block-0 signal is the (scaled) embedding row: centre it too
                 xs = [x - x.mean(-1, keepdim=True) for x in xs]
             q0, vals = self._pca(xs)
@@ -303,32 +264,33 @@ class SliceGPT(Method):
         q_in = q0
         for b in range(n):
             d_in, d_mid, d_out = plan.widths(b, n)
-            dense = _Dense.take(adapter, b)
-            block = structure.apply(model, adapter, "slicegpt_block", block=b, d_in=d_in, d_mid=d_mid, d_out=d_out,
-                                    shortcuts=plan.shortcuts)
-            fill = _Filler(adapter, b, dense, block)
-            qi = q_in[:, :d_in]
-            fill.inputs("attn_in", qi)
-            if q_global is not None:
-                q_mid = q_out = q_global
-            else:
-                zs = attn_signals(block, fill, xs, kwargs[b], qi)
-                q_mid, vals = self._pca(zs)
-                kept.append(kept_share(vals, d_mid))
-            qm = q_mid[:, :d_mid]
-            fill.shortcut("attn_shortcut", qi, qm)
-            fill.outputs("attn_out", qm)
-            fill.inputs("mlp_in", qm)
-            if q_global is None:
-                zs = [(z @ qm.float()).to(x.dtype) for z, x in zip(zs, xs, strict=True)]
-                ys = mlp_signals(block, fill, zs, qm)
-                q_out, vals = self._pca(ys)
-                kept.append(kept_share(vals, d_out))
-                xs = [(y @ q_out[:, :d_out].float()).to(x.dtype) for y, x in zip(ys, xs, strict=True)]
-            qo = q_out[:, :d_out]
-            fill.shortcut("mlp_shortcut", qm, qo)
-            fill.outputs("mlp_out", qo)
-            q_in = q_out
+            with blockwise.at_work(placement, adapter, [b]):  # the sliced block goes home at the end
+                dense = _Dense.take(adapter, b)
+                block = structure.apply(model, adapter, "slicegpt_block", block=b, d_in=d_in, d_mid=d_mid, d_out=d_out,
+                                        shortcuts=plan.shortcuts)
+                fill = _Filler(adapter, b, dense, block)
+                qi = q_in[:, :d_in]
+                fill.inputs("attn_in", qi)
+                if q_global is not None:
+                    q_mid = q_out = q_global
+                else:
+                    zs = attn_signals(block, fill, xs, kwargs[b], qi)
+                    q_mid, vals = self._pca(zs)
+                    kept.append(kept_share(vals, d_mid))
+                qm = q_mid[:, :d_mid]
+                fill.shortcut("attn_shortcut", qi, qm)
+                fill.outputs("attn_out", qm)
+                fill.inputs("mlp_in", qm)
+                if q_global is None:
+                    zs = [(z @ qm.float()).to(x.dtype) for z, x in zip(zs, xs, strict=True)]
+                    ys = mlp_signals(block, fill, zs, qm)
+                    q_out, vals = self._pca(ys)
+                    kept.append(kept_share(vals, d_out))
+                    xs = [(y @ q_out[:, :d_out].float()).to(x.dtype) for y, x in zip(ys, xs, strict=True)]
+                qo = q_out[:, :d_out]
+                fill.shortcut("mlp_shortcut", qm, qo)
+                fill.outputs("mlp_out", qo)
+                q_in = q_out
 
         scaled = final_gain[:, None] * q_in[:, : plan.head_width]  # diag(g) Q_L'
         if plan.tied_map:
@@ -357,7 +319,8 @@ class SliceGPT(Method):
             acc[:] = [acc[0] + g] if acc else [g]
 
         model.eval()
-        with hooks([m.register_forward_pre_hook(hook) for m in norms]):
+        with hooks([m.register_forward_pre_hook(hook) for m in norms]), \
+                blockwise.streaming(model, adapter, of(calib, model)):
             for batch in calib.batches(model_device(model)):
                 model(input_ids=batch, use_cache=False)
         return pca(acc[0], self.knobs.damping)

@@ -17,7 +17,7 @@ from torch import nn
 
 from bench import structure
 from bench.budget import count_params
-from bench.calibration import Calibration, collect_grams
+from bench.calibration import Calibration, block_grams
 from bench.registry import CompressionInfo, Method, Solution, register
 from methods._whiten import Unit, solve_ratio, whitened_svd
 
@@ -54,16 +54,16 @@ class SVDLLM(Method):
         return Solution(knobs={"r_lin": plan.r_lin, "ranks": plan.ranks}, predicted_params=plan.params, notes=notes)
 
     def compress(self, model: nn.Module, adapter, calibration: Calibration, solution: Solution) -> CompressionInfo:
-        grams = collect_grams(model, adapter, calibration)
         ranks: dict[str, int] = solution.knobs["ranks"]
         errors, jitters = {}, {}
-        for b in range(adapter.num_blocks):
+        for step in block_grams(model, adapter, calibration):  # one block at a time, on the work device
+            b = step.blocks[0]
             for kind in adapter.kinds():
                 name = adapter.linear_name(b, kind)
                 if name not in ranks:
                     continue
                 lin = adapter.linear(b, kind)
-                f = whitened_svd(lin.weight, grams[(b, adapter.role_of(kind))], ranks[name])
+                f = whitened_svd(lin.weight, step.stats[b]["grams"][adapter.role_of(kind)], ranks[name])
                 bias = None if lin.bias is None else lin.bias.detach().clone()
                 new = structure.apply(model, adapter, "factorize", module=name, rank=ranks[name])
                 new.down.weight.data.copy_(f.down.to(new.down.weight))
