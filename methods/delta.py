@@ -35,13 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import structure
+from bench import blockwise, structure
 from bench.adapters.base import get_module, set_module
 from bench.budget import count_params
-from bench.calibration import Calibration, collect_grams
+from bench.calibration import Calibration, block_grams
 from bench.corpus import DEFAULT_SOURCE, packed_rows
 from bench.errors import UserError
 from bench.evaluate.perplexity import perplexity
+from bench.placement import of
 from bench.registry import CompressionInfo, Method, Solution, register
 from methods import _delta_train as training
 
@@ -227,14 +228,27 @@ class DeltaLLM(Method):
         self._kinds(adapter)
         n_train = calibration.n_samples - n_eval
         heldout, train_windows = calibration.tokens[n_train:], calibration.tokens[:n_train]
-        grams = None
-        if k.init == "whitened":  # statistics of the training windows only, so the held-out KL stays held out
-            sub = Calibration(tokens=train_windows, seed=calibration.seed, batch_size=calibration.batch_size)
-            grams = collect_grams(model, adapter, sub)
-        teacher = copy.deepcopy(model).eval() if (k.train_tokens > 0 or n_eval > 0) else None
+        needs_teacher = k.train_tokens > 0 or n_eval > 0
+        if needs_teacher and of(calibration, model).offload:
+            raise UserError("delta: distillation needs the student and a dense teacher copy on the device at once "
+                            "(twice the model's bytes), which offloading cannot give; run on a device that holds "
+                            "both, or set delta.train_tokens=0 delta.eval_windows=0 for the SVD initialisation alone")
+        teacher = copy.deepcopy(model).eval() if needs_teacher else None
         if teacher is not None:
             teacher.requires_grad_(False)
-        deltas = share(model, adapter, solution.knobs, grams)
+        deltas = []
+        if k.init == "whitened":  # statistics of the training windows only, so the held-out KL stays held out
+            sub = Calibration(tokens=train_windows, seed=calibration.seed, batch_size=calibration.batch_size,
+                              placement=calibration.placement)
+            for step in block_grams(model, adapter, sub, solution.knobs["groups"]):  # a base and its followers
+                grams = {(b, role): g for b in step.blocks for role, g in step.stats[b]["grams"].items()}
+                groups = [g for g in solution.knobs["groups"] if g[0] in step.blocks]
+                deltas += share(model, adapter, solution.knobs | {"groups": groups}, grams)
+        else:
+            placement = of(calibration, model)
+            for g in solution.knobs["groups"]:
+                with blockwise.at_work(placement, adapter, g):
+                    deltas += share(model, adapter, solution.knobs | {"groups": [g]}, None)
         details: dict = {"init": k.init, "rank": solution.knobs["rank"], "kinds": solution.knobs["kinds"],
                          "groups": solution.knobs["groups"], "deltas": len(deltas), "loss": "KL(teacher || student)"}
         if teacher is None:

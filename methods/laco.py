@@ -30,10 +30,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bench import structure
+from bench import blockwise, structure
 from bench.adapters.base import get_module
 from bench.calibration import Calibration, hooks, model_device
 from bench.errors import UserError
+from bench.placement import of
 from bench.registry import CompressionInfo, Method, Solution, register
 from methods._layerdrop import block_budget, cosine_sum, skipping
 
@@ -189,7 +190,22 @@ class LaCo(Method):
         k = self.knobs
         target = int(solution.knobs["blocks"])
         windows = calibration.tokens[: k.windows] if k.windows > 0 else calibration.tokens
-        search = Search(model, adapter, windows, calibration.batch_size, k.merge, k.similarity)
+        with blockwise.streaming(model, adapter, of(calibration, model)):  # offloaded: one block on the device at once
+            search, passes = self._search(model, adapter, windows, calibration.batch_size, target)
+        what = {"sentence": "one cos per window of the flattened [tokens x hidden] states, averaged over windows",
+                "token": "mean over tokens of the per-token cos"}[k.similarity]
+        details = {"merges": search.merges, "trials": search.trials, "passes": passes, "removed": search.removed,
+                   "target_removed": target, "merge": k.merge, "similarity": k.similarity,
+                   "similarity_definition": f"{what}; final norm's output (LM-head input), dense vs merged",
+                   "calibration_windows": int(windows.shape[0])}
+        if search.removed < target:
+            details["shortfall"] = target - search.removed
+        return CompressionInfo(details=details)
+
+    def _search(self, model: nn.Module, adapter, windows: torch.Tensor, batch_size: int,
+                target: int) -> tuple[Search, list[dict]]:
+        k = self.knobs
+        search = Search(model, adapter, windows, batch_size, k.merge, k.similarity)
         threshold, passes = k.threshold, []
         for _ in range(2 * target + 1):  # each pass removes a block, or lowers T so that the next one does
             if search.removed >= target:
@@ -201,15 +217,7 @@ class LaCo(Method):
             threshold -= k.relax_step
             if accepted == 0:  # the unchanged model repeats its similarities: go just below the best rejected one
                 threshold = min(threshold, math.nextafter(best_rejected, -math.inf))
-        what = {"sentence": "one cos per window of the flattened [tokens x hidden] states, averaged over windows",
-                "token": "mean over tokens of the per-token cos"}[k.similarity]
-        details = {"merges": search.merges, "trials": search.trials, "passes": passes, "removed": search.removed,
-                   "target_removed": target, "merge": k.merge, "similarity": k.similarity,
-                   "similarity_definition": f"{what}; final norm's output (LM-head input), dense vs merged",
-                   "calibration_windows": int(windows.shape[0])}
-        if search.removed < target:
-            details["shortfall"] = target - search.removed
-        return CompressionInfo(details=details)
+        return search, passes
 
 
 class Search:
