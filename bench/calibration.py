@@ -22,7 +22,7 @@ from torch import nn
 
 from bench import blockwise, integrity
 from bench.claims import Claims
-from bench.placement import of
+from bench.placement import gram_bytes, of
 
 #: bump when a statistic's definition changes, so stored ones are not reused
 STATS_VERSION = 2  # 2: files carry a content digest
@@ -119,12 +119,6 @@ def forward_all(model: nn.Module, calib: Calibration, progress: Progress = None)
 #: whole-model statistics up to this size are kept for the run (shared by methods, stored on disk); larger ones are
 #: streamed block by block and each block's are freed with it (SmolLM2-135M's Grams: 0.8 GB; a 7B model's: 44 GB)
 KEEP_STATS_BYTES = 2 * 2**30
-
-
-def gram_bytes(adapter) -> int:
-    """Bytes of one block's Gram matrices (float64, one per linear role)."""
-    return 8 * sum(adapter.linear(0, next(s.kind for s in adapter.slots if s.role == role)).in_features ** 2
-                   for role in adapter.roles())
 
 
 def collect_grams(model: nn.Module, adapter, calib: Calibration, progress: Progress = None) -> dict:

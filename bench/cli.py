@@ -139,6 +139,14 @@ def _parser() -> argparse.ArgumentParser:
                         "0 = untrained; GPU users give the papers' tens of millions")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     r.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    r.add_argument("--offload", default="auto", choices=["auto", "on", "off"],
+                   help="keep the blocks in host memory and move one at a time to the device (auto: when the model "
+                        "does not fit the device budget)")
+    r.add_argument("--device-memory", type=float, default=None, metavar="GIB",
+                   help="device memory slimbench may use, in GiB (default: 90%% of the GPU's; none on CPU); a "
+                        "smaller figure simulates a smaller device")
+    r.add_argument("--engine", default="blockwise", choices=["blockwise", "whole"],
+                   help="blockwise: statistics one block at a time (default); whole: the whole-model reference path")
     r.add_argument("--tolerance", type=float, default=None, help="allowed |achieved - target| ratio (default 0.02)")
     r.add_argument("--results-dir", default="results", help="where records go (default results/)")
     r.add_argument("--leaderboard-dir", default="leaderboard", help="where tables go (default leaderboard/)")
@@ -270,7 +278,8 @@ def run_config(args):
                      suite=suite, knobs=knobs, device=args.device, dtype=args.dtype,
                      cache=args.cache_dir, results_dir=args.results_dir, save_checkpoints=not args.no_save,
                      tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance, force=args.force,
-                     record_refusals=args.methods == "all", no_cache=args.no_cache)
+                     record_refusals=args.methods == "all", no_cache=args.no_cache, offload=args.offload,
+                     device_memory=args.device_memory, engine=args.engine)
 
 
 def cmd_run(args, cfg=None) -> int:

@@ -201,14 +201,15 @@ def locate(name: str, cache: Path) -> tuple[Path | str, str]:
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
-               cache: str | os.PathLike | None = None) -> LoadedModel:
-    """Load ``name`` ready for compression and evaluation (eval mode, on ``device``)."""
+               cache: str | os.PathLike | None = None, dtype_for: str | None = None) -> LoadedModel:
+    """Load ``name`` ready for compression and evaluation (eval mode, on ``device``); ``dtype="auto"`` picks the
+    dtype for ``dtype_for`` when given (a model loaded into host memory to be worked on a GPU gets bfloat16)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bench import checkpoint
 
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
+    torch_dtype = resolve_dtype(dtype, resolve_device(dtype_for) if dtype_for else dev)
     where, source = locate(name, cache_dir(cache))
     if isinstance(where, Path) and (where / "slimbench.json").exists():
         model, tok = checkpoint.load(where, dtype=torch_dtype, device=dev)

@@ -82,6 +82,12 @@ def module_bytes(*modules: nn.Module) -> int:
     return total
 
 
+def gram_bytes(adapter) -> int:
+    """Bytes of one block's Gram matrices (float64, one per linear role)."""
+    return 8 * sum(adapter.linear(0, next(s.kind for s in adapter.slots if s.role == role)).in_features ** 2
+                   for role in adapter.roles())
+
+
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
@@ -97,3 +103,53 @@ def of(calibration, model: nn.Module) -> Placement:
         placement = Placement(device=next(model.parameters()).device)
         calibration.placement = placement
     return placement
+
+
+#: share of a CUDA device's memory slimbench plans to use (the rest: CUDA context, allocator slack, fragmentation)
+CUDA_USABLE = 0.9
+
+
+def fits_or_refuse(model: nn.Module, adapter, device: str, offload: str, device_memory_gib: float | None, engine: str,
+                   calib_samples: int, calib_seq_len: int, batch_size: int) -> Placement:
+    """Decide where the run works (``offload``: auto, on or off) and refuse, before any work, a run that cannot fit.
+
+    The budget is ``device_memory_gib`` when given (a cap, or a simulated small device), else 90 % of a CUDA device's
+    memory, else (CPU) none. Working alone a block needs: the non-block parts, a group of two blocks (Basis Sharing's
+    default) and their Grams, the calibration activations entering and leaving it, and one batch's MLP intermediates.
+    """
+    from bench.models import resolve_device
+
+    dev = torch.device(resolve_device(device))
+    if offload not in ("auto", "on", "off"):
+        raise UserError(f"--offload {offload!r}: use auto, on or off")
+    if device_memory_gib is not None:
+        if not device_memory_gib > 0:
+            raise UserError(f"--device-memory {device_memory_gib}: give GiB above 0, e.g. --device-memory 40")
+        budget: int | None = int(device_memory_gib * 2**30)
+    elif dev.type == "cuda":
+        budget = int(torch.cuda.get_device_properties(dev).total_memory * CUDA_USABLE)
+    else:
+        budget = None
+    blocks = list(adapter.blocks())
+    weights = module_bytes(model)
+    rest = weights - module_bytes(*blocks)
+    block = max(module_bytes(b) for b in blocks)
+    elem = next(model.parameters()).element_size()
+    cfg = model.config
+    acts = 2 * calib_samples * calib_seq_len * cfg.hidden_size * elem
+    inner = batch_size * calib_seq_len * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size) * 4 * 3
+    stats = 2 * gram_bytes(adapter)
+    alone = rest + 2 * block + stats + acts + inner
+    whole = weights + stats + acts + inner
+    off = {"on": True, "off": False, "auto": budget is not None and whole > budget}[offload]
+    if budget is not None:
+        need = alone if off else whole
+        if need > budget:
+            if off:
+                raise UserError(f"{_gb(need)} must be on {dev} at once (one pair of blocks {_gb(2 * block)}, their "
+                                f"statistics {_gb(stats)}, calibration activations {_gb(acts + inner)}, embeddings and "
+                                f"head {_gb(rest)}) but the budget is {_gb(budget)}; use a larger device or fewer "
+                                "calibration tokens (--calib-samples, --calib-seq-len)")
+            raise UserError(f"the model and its working set need {_gb(need)} on {dev}, above the budget of "
+                            f"{_gb(budget)}; use --offload auto (or on) to keep the blocks in host memory")
+    return Placement(device=dev, offload=off, budget_bytes=budget, engine=engine)

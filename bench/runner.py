@@ -15,17 +15,18 @@ from pathlib import Path
 
 import torch
 
-from bench import checkpoint, data, integrity, structure
+from bench import blockwise, checkpoint, data, integrity, structure
 from bench.adapters import get_adapter
 from bench.budget import DEFAULT_TOLERANCE, budget_report, count_block_matrix_params, count_params
 from bench.calibration import Calibration
 from bench.claims import Claims
 from bench.errors import UserError
 from bench.evaluate import docs
-from bench.evaluate.efficiency import PeakMemory, dir_size
+from bench.evaluate.efficiency import PeakMemory, dir_size, weight_stats
 from bench.evaluate.suite_eval import dense_reference, evaluate, is_finite_result
 from bench.evaluate.zeroshot import resolve_tasks
 from bench.models import cache_dir, load_model
+from bench.placement import Placement, fits_or_refuse
 from bench.records import Record, cell_key, environment, now, read_record, record_path, write_record
 from bench.registry import Method, Solution, get_method
 from bench.suites import Suite
@@ -57,6 +58,12 @@ class RunConfig:
     #: compute only these (method, ratio, seed) cells of the grid (the dense cell is ("dense", 0.0, first seed));
     #: None: every cell. An executor that spreads a grid over processes gives each one cell this way.
     only: list[tuple[str, float, int]] | None = None
+    #: "auto": offload the blocks to host memory when the model does not fit the device budget; "on"; "off"
+    offload: str = "auto"
+    #: the device memory slimbench may use, in GiB (None: the device's own total; on CPU no limit)
+    device_memory: float | None = None
+    #: "blockwise" (statistics one block at a time) or "whole" (the whole-model reference path)
+    engine: str = "blockwise"
 
 
 @dataclass
@@ -108,7 +115,7 @@ def run(cfg: RunConfig, events: Events | None = None) -> list[Record]:
     resolve_tasks(list(cfg.suite.tasks))
     wiki = data.wiki_text_path()  # refuse early when the text package is missing
 
-    loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.cache)
+    loaded, placement = place(cfg)
     adapter = get_adapter(loaded.model)
     dense_params = count_params(loaded.model)
     dense_linear = count_block_matrix_params(adapter)
@@ -120,6 +127,8 @@ def run(cfg: RunConfig, events: Events | None = None) -> list[Record]:
     base_parts = {"model": model_info | {"path": None}, "suite": cfg.suite.to_dict(), "dtype": loaded.dtype,
                   "device": loaded.device.split(":")[0], "text": data.file_fingerprint(wiki),
                   "slimbench": env["versions"]["slimbench"]}
+    if cfg.engine != "blockwise":  # the reference path gives the same results within float tolerance, not bit for bit
+        base_parts["engine"] = cfg.engine
 
     weights = integrity.weights_digest(loaded.path, cache_dir(cfg.cache))
     base_parts["weights"] = weights
@@ -130,7 +139,10 @@ def run(cfg: RunConfig, events: Events | None = None) -> list[Record]:
                 f"{dense_params:,} parameters, {adapter.family} adapter)")
     cells = plan(cfg)
     events.start(len(cells))
-    state = _State(loaded=loaded, calibrations={}, claims=Claims())
+    if placement.offload:
+        events.info(f"offload: the model ({_gib(weight_bytes(loaded.model))}) stays in host memory, one block at a "
+                    f"time on {placement.device} (budget {_gib(placement.budget_bytes)})")
+    state = _State(loaded=loaded, calibrations={}, claims=Claims(), placement=placement)
     pending: list[tuple[Cell, Record]] = []
     for cell in cells:
         inst = instances.get(cell.method)
@@ -176,6 +188,7 @@ class _State:
     claims: Claims
     model: object = None
     used_loaded: bool = False
+    placement: Placement | None = None
 
 
 def _try_cell(cfg: RunConfig, cell: Cell, rec: Record, state: _State, instances, solutions, refused, model_key: str,
@@ -218,10 +231,13 @@ def _compute(cfg: RunConfig, cell: Cell, rec: Record, state: _State, inst: Metho
     if not state.used_loaded:
         model, state.used_loaded = state.loaded.model, True
     else:
-        model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.cache).model
+        model = place(cfg, state.placement)[0].model
+    placement = state.placement
+    placement.peak = placement.resident = 0  # this cell's own figures
     try:
-        reference = dense_reference(model, state.loaded.tokenizer, get_adapter(model), cfg.suite,  # model is dense here
-                                    None if cfg.no_cache else cache_dir(cfg.cache), model_key)
+        with blockwise.streaming(model, get_adapter(model), placement):
+            reference = dense_reference(model, state.loaded.tokenizer, get_adapter(model), cfg.suite,  # dense here
+                                        None if cfg.no_cache else cache_dir(cfg.cache), model_key)
         if inst is not None:
             if cell.seed not in state.calibrations or cfg.no_cache:
                 events.cell(cell, "calibration data")
@@ -229,14 +245,22 @@ def _compute(cfg: RunConfig, cell: Cell, rec: Record, state: _State, inst: Metho
                 state.calibrations[cell.seed] = _calibration(state.loaded.tokenizer, cfg.suite, cell.seed, stats,
                                                              model_key)
             calib = state.calibrations[cell.seed]
+            calib.placement = placement
             _compress(model, inst, calib, solutions[(cell.method, cell.ratio)], rec, cfg,
                       lambda step, c=cell: events.cell(c, step))
         cell_adapter = get_adapter(model)
         rec.budget = vars(budget_report(dense_params, dense_linear, cell_adapter, cell.ratio, cfg.tolerance,
                                         rec.solution.get("predicted_params")))
-        rec.metrics = evaluate(model, state.loaded.tokenizer, cell_adapter, cfg.suite,
-                               progress=lambda step, c=cell: events.cell(c, step), seed=1234,
-                               reference=reference, dense=inst is None)
+        compress_peak = placement.peak
+        placement.peak = 0
+        with blockwise.streaming(model, cell_adapter, placement):
+            rec.metrics = evaluate(model, state.loaded.tokenizer, cell_adapter, cfg.suite,
+                                   progress=lambda step, c=cell: events.cell(c, step), seed=1234,
+                                   reference=reference, dense=inst is None)
+        rec.details["placement"] = {"device": str(placement.device), "offload": placement.offload,
+                                    "engine": placement.engine, "budget_bytes": placement.budget_bytes,
+                                    "placed_peak_compress_bytes": compress_peak if inst is not None else None,
+                                    "placed_peak_eval_bytes": placement.peak}
         if not is_finite_result(rec.metrics):
             rec.status, rec.error = "failed", f"perplexity is {rec.metrics.get('perplexity')}: the model collapsed"
         events.cell(cell, "saving")
@@ -254,6 +278,31 @@ def _compute(cfg: RunConfig, cell: Cell, rec: Record, state: _State, inst: Metho
     repairs = integrity.drain()
     if repairs:
         rec.details["cache_repairs"] = rec.details.get("cache_repairs", []) + repairs
+
+
+def place(cfg: RunConfig, placement: Placement | None = None) -> tuple[object, Placement]:
+    """Load the dense model where it belongs: on the device when it fits the budget (and offload is not "on"),
+    else in host memory with only the block at work on the device. Refuses (UserError) a device too small even
+    for one block and its statistics. ``placement``: the run's, decided at its first load."""
+    if placement is not None:
+        return load_model(cfg.model, str(placement.home), cfg.dtype, cfg.cache, dtype_for=cfg.device), placement
+    loaded = load_model(cfg.model, "cpu" if cfg.offload != "off" else cfg.device, cfg.dtype, cfg.cache,
+                        dtype_for=cfg.device)
+    placement = fits_or_refuse(loaded.model, get_adapter(loaded.model), cfg.device, cfg.offload, cfg.device_memory,
+                               cfg.engine, cfg.suite.calib_samples, cfg.suite.calib_seq_len,
+                               max(1, cfg.suite.eval_batch_size // 2))
+    if placement.home != next(loaded.model.parameters()).device:
+        loaded.model.to(placement.home)
+    loaded.device = str(placement.device)
+    return loaded, placement
+
+
+def weight_bytes(model) -> int:
+    return weight_stats(model)["weight_bytes"]
+
+
+def _gib(n: int | None) -> str:
+    return "none" if n is None else f"{n / 2**30:.2f} GiB"
 
 
 def _solve_all(cfg: RunConfig, instances: dict[str, Method], adapter) -> tuple[dict, dict]:
@@ -296,7 +345,7 @@ def _compress(model, inst: Method, calib: Calibration, solution: Solution, rec: 
     step(f"compressing ({inst.name})")
     adapter = get_adapter(model)
     rec.solution = {"knobs": solution.knobs, "predicted_params": solution.predicted_params, "notes": solution.notes}
-    device = next(model.parameters()).device
+    device = calib.placement.device
     calib.memo["log"] = []
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()

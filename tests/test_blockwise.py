@@ -163,3 +163,52 @@ def test_partition_keeps_groups_and_fills_gaps():
     assert blockwise.partition(6, [[1, 2], [4, 5]]) == [[0], [1, 2], [3], [4, 5]]
     with pytest.raises(ValueError):
         blockwise.partition(4, [[0, 2]])
+
+
+def _run(tmp_path, model_dir, *extra) -> int:
+    from bench.cli import main
+
+    return main(["run", "--model", str(model_dir), "--methods", "svdllm,basis,slicegpt,shortgpt", "--ratio", "0.2",
+                 "--results-dir", str(tmp_path / "results"), "--leaderboard-dir", str(tmp_path / "lb"),
+                 "--cache-dir", str(tmp_path / "cache"), "--tasks", "arc_easy", "--limit", "4", "--calib-samples", "4",
+                 "--calib-seq-len", "64", "--no-save", "--set", "slicegpt.round_to=1", *extra])
+
+
+@pytest.fixture(scope="module")
+def deep_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved 12-block tiny llama: its weights (1.9 MB) exceed what one pair of blocks needs at work (1.3 MB)."""
+    path = tmp_path_factory.mktemp("deep-llama")
+    model = make_tiny("llama", num_hidden_layers=BLOCKS, vocab_size=len(tiny_tokenizer))
+    model.config.bos_token_id = model.config.eos_token_id = tiny_tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+BUDGET_GIB = "0.0019"  # 1.95 MiB: below the 12-block model with its working set (2.7 MiB), above one pair at work
+
+
+def test_bench_run_offloaded_under_a_small_device_budget_matches_the_resident_run(tmp_path, deep_model_dir):
+    from bench.records import load_records
+
+    assert _run(tmp_path / "resident", deep_model_dir, "--offload", "off") == 0
+    assert _run(tmp_path / "offload", deep_model_dir, "--offload", "auto", "--device-memory", BUDGET_GIB) == 0
+    resident = {r.method: r for r in load_records(tmp_path / "resident" / "results")[0]}
+    offloaded = {r.method: r for r in load_records(tmp_path / "offload" / "results")[0]}
+    assert resident.keys() == offloaded.keys() == {"dense", "svdllm", "basis", "slicegpt", "shortgpt"}
+    for method, rec in offloaded.items():
+        placed = rec.details["placement"]
+        assert placed["offload"] is True and not resident[method].details["placement"]["offload"]
+        assert 0 < placed["placed_peak_eval_bytes"] <= placed["budget_bytes"]
+        assert rec.key == resident[method].key  # offloading changes where, not what: the same cell
+        assert rec.metrics["perplexity"] == pytest.approx(resident[method].metrics["perplexity"], rel=1e-4)
+        assert rec.solution.get("knobs") == resident[method].solution.get("knobs")
+
+
+def test_bench_run_refuses_a_device_too_small_for_one_block(tmp_path, deep_model_dir, capsys):
+    assert _run(tmp_path, deep_model_dir, "--device-memory", "0.0001") == 2
+    err = capsys.readouterr().err
+    assert "budget" in err and "--calib-samples" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "results").exists()  # refused before any work
+    assert _run(tmp_path, deep_model_dir, "--offload", "off", "--device-memory", BUDGET_GIB) == 2
+    assert "--offload auto" in capsys.readouterr().err
