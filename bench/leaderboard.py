@@ -54,6 +54,12 @@ def frame(records: list[Record], docs: list[dict | None] | None = None) -> pd.Da
             "weights_MB": (m.get("weight_bytes") or math.nan) / 2**20,
             "ckpt_MB": (m.get("checkpoint_bytes") or math.nan) / 2**20,
             "peak_mem_MB": (m.get("peak_memory_bytes") or math.nan) / 2**20,
+            # device and host peaks of each phase (CSV only; records older than the split have the device peak)
+            "compress_peak_device_MB": _mb(r.cost, "compress_peak_device_bytes", "compress_peak_memory_bytes"),
+            "compress_peak_host_MB": _mb(r.cost, "compress_peak_host_bytes"),
+            "eval_peak_device_MB": _mb(m, "eval_peak_device_bytes", "peak_memory_bytes"),
+            "eval_peak_host_MB": _mb(m, "eval_peak_host_bytes"),
+            "device_name": r.environment.get("hardware", {}).get("device_name"), "dtype": r.model.get("dtype"),
             "prefill_ms": m.get("prefill_ms"), "decode_tok_s": m.get("decode_tokens_per_s"),
             "compress_s": r.cost.get("compress_seconds"), "train_tokens": r.cost.get("train_tokens"),
             "status": _status(r, ref),
@@ -70,6 +76,12 @@ def frame(records: list[Record], docs: list[dict | None] | None = None) -> pd.Da
     df = df.sort_values(["model", "suite", "_dense", "target", "mean_acc"], ascending=[True, True, True, True, False],
                         na_position="last")
     return df.drop(columns=["_dense", "_knobs", "_row"]).reset_index(drop=True)
+
+
+def _mb(part: dict, *keys: str) -> float:
+    """The first of ``keys`` that ``part`` holds, bytes in MiB; NaN when it holds none."""
+    found = next((part[k] for k in keys if part.get(k) is not None), None)
+    return found / 2**20 if found is not None else math.nan
 
 
 def _flip(ref: dict | None, mine: dict | None) -> float | None:

@@ -222,6 +222,18 @@ def git_commit() -> str | None:
         return None
 
 
+def _cpu_name() -> str:
+    """The CPU's marketing name ("model name" in /proc/cpuinfo on Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: str) -> dict[str, Any]:
     """Library versions, hardware and git commit, for the record."""
     from importlib.metadata import PackageNotFoundError, version
@@ -234,9 +246,11 @@ def environment(device: str) -> dict[str, Any]:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
             versions[pkg] = None
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
     hw = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
-    if device.startswith("cuda") and torch.cuda.is_available():
-        hw["gpu"] = torch.cuda.get_device_name()
+          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
+          "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name()}
+    if cuda:
+        hw["gpu"] = hw["device_name"]
         hw["cuda"] = torch.version.cuda
     return {"python": platform.python_version(), "versions": versions, "hardware": hw, "git_commit": git_commit()}

@@ -124,3 +124,26 @@ def test_run_table_shows_the_paired_flip_rate(tmp_path, tiny_model_dir, plugins,
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("│ test-droplast"))
     flip = pd.read_csv(tmp_path / "lb" / "leaderboard.csv").set_index("method").loc["test-droplast", "flip"]
     assert flip == flip and f"{flip:.3f}" in row.split("│")[9]  # a number, not the "-" of a missing side file
+
+
+def test_records_hold_device_and_host_peaks_with_the_device_and_dtype(tmp_path, tiny_model_dir, plugins):
+    """Issue 8: each phase's peak device and peak host memory, the device's name and the dtype are in the record,
+    and the CSV leaderboard shows them."""
+    import pandas as pd
+
+    assert _run(tmp_path, tiny_model_dir, "--methods", "test-droplast", "--ratio", "0.2", "--device", "cpu") == 0
+    records, _ = load_records(tmp_path / "results")
+    by = {r.method: r for r in records}
+    phases = [(by["test-droplast"].cost, "compress_peak"), *((r.metrics, "eval_peak") for r in records)]
+    for part, phase in phases:
+        device, host = part[f"{phase}_device_bytes"], part[f"{phase}_host_bytes"]
+        assert type(device) is int and type(host) is int and host > 0
+        assert device == host  # on CPU the device is host memory
+        assert part[f"{phase}_device_source"] == "cpu: device is host memory"
+    for r in records:
+        assert r.metrics["peak_memory_bytes"] == r.metrics["eval_peak_device_bytes"]  # the old key stays
+        assert r.environment["hardware"]["device_name"] and r.model["dtype"] == "float32"
+    row = pd.read_csv(tmp_path / "lb" / "leaderboard.csv").set_index("method").loc["test-droplast"]
+    assert row["compress_peak_host_MB"] == pytest.approx(by["test-droplast"].cost["compress_peak_host_bytes"] / 2**20)
+    assert row["eval_peak_device_MB"] > 0 and row["eval_peak_host_MB"] > 0
+    assert row["device_name"] == records[0].environment["hardware"]["device_name"] and row["dtype"] == "float32"

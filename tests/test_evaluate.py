@@ -119,17 +119,69 @@ def test_dir_size_sums_nested_files(tmp_path: pathlib.Path) -> None:
     assert efficiency.dir_size(tmp_path) == 123
 
 
-def test_peak_memory_sees_a_temporary_allocation() -> None:
+MiB = 2**20
+
+
+@pytest.fixture(params=["exact", "sampled"])
+def host_method(request, monkeypatch, tmp_path) -> str:
+    """Each way of measuring the host peak: the kernel's high-water mark (skipped where it cannot be reset) and
+    sampling, forced by pointing clear_refs at a path that cannot be written."""
+    if request.param == "sampled":
+        monkeypatch.setattr(efficiency, "CLEAR_REFS", tmp_path / "missing" / "clear_refs")
+        return "process_rss_sampled"
+    if not efficiency._reset_hwm():
+        pytest.skip("/proc/self/clear_refs is not writable here: the host peak can only be sampled")
+    return "process_rss_vmhwm"
+
+
+def _touch(n_bytes: int) -> mmap.mmap:
+    """Fresh resident pages (unlike a heap block that may be reused)."""
+    block = mmap.mmap(-1, n_bytes)
+    for offset in range(0, n_bytes, 4096):
+        block[offset] = 1
+    return block
+
+
+def test_peak_memory_sees_a_temporary_allocation(host_method) -> None:
+    """A 200 MiB tensor made and freed inside the block is in the host peak; on CPU the device peak is that peak."""
     with efficiency.PeakMemory(device="cpu") as baseline:
         pass
     with efficiency.PeakMemory(device="cpu") as peak:
-        block = mmap.mmap(-1, 64 * 2**20)  # fresh pages, unlike a heap block that may be reused
-        for offset in range(0, len(block), 4096):
-            block[offset] = 1
+        tensor = torch.ones(200 * MiB // 4)
+        time.sleep(0.05)  # the sampler's interval is 5 ms
+        del tensor
+    assert peak.host_source == host_method
+    assert peak.host_peak_bytes > baseline.host_peak_bytes + 160 * MiB
+    assert peak.device_source == "cpu: device is host memory"
+    assert peak.device_peak_bytes == peak.host_peak_bytes == peak.peak_bytes
+    assert peak.source == host_method  # the old name: how the (device) peak was measured
+
+
+def test_host_peak_excludes_a_peak_from_before_the_block(host_method) -> None:
+    """300 MiB held and freed before the block, 100 MiB inside: the block's peak is below the earlier one."""
+    block = _touch(300 * MiB)
+    earlier = efficiency._rss_bytes()
+    block.close()
+    before = efficiency._rss_bytes()
+    with efficiency.PeakMemory(device="cpu") as peak:
+        block = _touch(100 * MiB)
         time.sleep(0.05)
         block.close()
-    assert peak.source == "process_rss_sampled"
-    assert peak.peak_bytes > baseline.peak_bytes + 48 * 2**20
+    assert peak.host_source == host_method
+    assert before + 80 * MiB < peak.host_peak_bytes < earlier - 100 * MiB  # about before + 100, earlier - 200
+
+
+def test_a_block_inside_another_keeps_the_outer_peak() -> None:
+    """The kernel's high-water mark is one per process: an inner block samples instead of resetting it."""
+    with efficiency.PeakMemory(device="cpu") as outer:
+        start = efficiency._rss_bytes()
+        block = _touch(200 * MiB)
+        time.sleep(0.05)
+        block.close()
+        with efficiency.PeakMemory(device="cpu") as inner:
+            pass
+    assert inner.host_source == "process_rss_sampled"
+    assert outer.host_peak_bytes > start + 160 * MiB > inner.host_peak_bytes
 
 
 def test_latency_reports_positive_medians() -> None:

@@ -17,7 +17,12 @@ from bench.errors import UserError
 from bench.models import kv_cache_kwarg, returned_kv_cache
 
 STATM = Path("/proc/self/statm")
+STATUS = Path("/proc/self/status")
+CLEAR_REFS = Path("/proc/self/clear_refs")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+#: the kernel keeps one high-water mark per process: only one PeakMemory at a time may reset and read it
+_HWM_LOCK = threading.Lock()
+_hwm_holder: PeakMemory | None = None
 
 
 def _rss_bytes() -> int:
@@ -29,16 +34,50 @@ def _rss_bytes() -> int:
         return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
+def _hwm_bytes() -> int | None:
+    """The kernel's peak resident set size of this process (VmHWM), or None where /proc does not give it."""
+    try:
+        line = next(x for x in STATUS.read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def _reset_hwm() -> bool:
+    """Lower VmHWM to the current RSS ("5" to clear_refs, Linux 4.0+); False where that is not permitted."""
+    try:
+        CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return _hwm_bytes() is not None
+
+
 class PeakMemory:
-    """Context manager measuring peak memory of the block: CUDA allocator peak, or sampled RSS on CPU."""
+    """Context manager measuring the block's peak device memory and peak host memory (process RSS) at once.
+
+    Device: the CUDA allocator's peak; on CPU the device is host memory, so the device peak is the host peak.
+    Host: exact where Linux lets the process reset its RSS high-water mark (VmHWM), else RSS sampled every
+    ``interval_s``. ``peak_bytes`` and ``source`` are the device peak and how it was measured.
+    """
 
     def __init__(self, device: torch.device | str | None = None, interval_s: float = 0.005) -> None:
         self.device = torch.device(device) if device is not None else None
         self.interval_s = interval_s
-        self.peak_bytes = 0
-        self.source = ""
+        self.device_peak_bytes = 0
+        self.host_peak_bytes = 0
+        self.device_source = ""
+        self.host_source = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.device_peak_bytes
+
+    @property
+    def source(self) -> str:
+        """How ``peak_bytes`` was measured (the host's method on CPU, as before device and host were separate)."""
+        return self.device_source if self._cuda else self.host_source
 
     @property
     def _cuda(self) -> bool:
@@ -48,30 +87,44 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+            self.host_peak_bytes = max(self.host_peak_bytes, _rss_bytes())
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> PeakMemory:
+        global _hwm_holder
         if self._cuda:
-            self.source = "cuda_max_allocated"
+            self.device_source = "cuda_max_allocated"
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            self.source = "process_rss_sampled"
-            self.peak_bytes = _rss_bytes()
+            self.device_source = "cpu: device is host memory"
+        with _HWM_LOCK:  # a block inside another one samples, so the outer block's high-water mark stays whole
+            if _hwm_holder is None and _reset_hwm():
+                _hwm_holder = self
+        if _hwm_holder is self:
+            self.host_source = "process_rss_vmhwm"
+        else:
+            self.host_source = "process_rss_sampled"
+            self.host_peak_bytes = _rss_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        global _hwm_holder
         if self._cuda:
             torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-        else:
+            self.device_peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        if self._thread is not None:
             self._stop.set()
-            assert self._thread is not None
             self._thread.join()
-            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+            self.host_peak_bytes = max(self.host_peak_bytes, _rss_bytes())
+        else:
+            with _HWM_LOCK:
+                self.host_peak_bytes = _hwm_bytes() or _rss_bytes()
+                _hwm_holder = None
+        if not self._cuda:
+            self.device_peak_bytes = self.host_peak_bytes
 
 
 def _sync(device: torch.device) -> None:

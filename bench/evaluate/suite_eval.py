@@ -66,6 +66,8 @@ def evaluate(model: nn.Module, tokenizer, adapter, suite: Suite, progress=None, 
             out["zero_shot_config"] = zs
     out["peak_memory_bytes"] = mem.peak_bytes
     out["peak_memory_source"] = mem.source
+    out["eval_peak_device_bytes"], out["eval_peak_device_source"] = mem.device_peak_bytes, mem.device_source
+    out["eval_peak_host_bytes"], out["eval_peak_host_source"] = mem.host_peak_bytes, mem.host_source
     step("latency")
     lat = latency(model, tokenizer, prompt_len=suite.latency_prompt, new_tokens=suite.latency_new_tokens,
                   repeats=suite.latency_repeats)
