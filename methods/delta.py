@@ -229,6 +229,9 @@ class DeltaLLM(Method):
         n_train = calibration.n_samples - n_eval
         heldout, train_windows = calibration.tokens[n_train:], calibration.tokens[:n_train]
         needs_teacher = k.train_tokens > 0 or n_eval > 0
+        if k.train_tokens > 0 and next(model.parameters()).dtype == torch.float16:
+            raise UserError("delta: distillation in float16 overflows without loss scaling (its KL turns non-finite); "
+                            "use --dtype bfloat16 or float32, or set delta.train_tokens=0")
         if needs_teacher and of(calibration, model).offload:
             raise UserError("delta: distillation needs the student and a dense teacher copy on the device at once "
                             "(twice the model's bytes), which offloading cannot give; run on a device that holds "

@@ -212,3 +212,21 @@ def test_bench_run_refuses_a_device_too_small_for_one_block(tmp_path, deep_model
     assert not (tmp_path / "results").exists()  # refused before any work
     assert _run(tmp_path, deep_model_dir, "--offload", "off", "--device-memory", BUDGET_GIB) == 2
     assert "--offload auto" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_method_runs_in_half_precision_or_refuses_clearly(dtype):
+    """--dtype bfloat16 (the CUDA default) and float16: a finite compressed model, or one clear line saying why not."""
+    for method in sorted(registry.available()):
+        model = make_tiny("llama", num_hidden_layers=BLOCKS).to(dtype)
+        adapter = get_adapter(model)
+        knobs = {"delta": {"train_tokens": 64}, "slicegpt": {"round_to": 1}}.get(method, {})
+        inst = registry.get_method(method)(**knobs)
+        try:
+            inst.compress(model, adapter, tiny_calibration(), inst.solve(adapter, RATIO))
+        except UserError as err:
+            assert dtype == torch.float16 and method == "delta" and "bfloat16" in str(err), err
+            continue
+        with torch.no_grad():
+            logits = model(input_ids=tiny_calibration().tokens[:2]).logits
+        assert logits.dtype == dtype and torch.isfinite(logits).all(), method
