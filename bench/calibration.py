@@ -116,8 +116,9 @@ def forward_all(model: nn.Module, calib: Calibration, progress: Progress = None)
             progress(int(batch.shape[0]))
 
 
-#: whole-model statistics up to this size are kept for the run (shared by methods, stored on disk); larger ones are
-#: streamed block by block and each block's are freed with it (SmolLM2-135M's Grams: 0.8 GB; a 7B model's: 44 GB)
+#: with a statistics cache, whole-model Grams up to this size are kept for the run (shared by methods, stored on disk);
+#: larger ones, or any without a cache, are streamed block by block, each block's freed with it (SmolLM2-135M's Grams:
+#: 0.8 GB; a 7B model's: 44 GB)
 KEEP_STATS_BYTES = 2 * 2**30
 
 
@@ -158,13 +159,14 @@ def collect_grams(model: nn.Module, adapter, calib: Calibration, progress: Progr
 def block_grams(model: nn.Module, adapter, calib: Calibration, groups=1) -> Iterator[blockwise.Step]:
     """Each group of consecutive blocks on the work device with its blocks' Grams: ``step.stats[b]["grams"][role]``.
 
-    Grams of a whole model up to :data:`KEEP_STATS_BYTES` come from :func:`collect_grams` (memoised, stored on disk,
-    shared with other methods); larger ones are computed for one group at a time and freed with it. Either way the
+    With a statistics cache (``calib.cache_dir``: a run whose cells and later commands can reuse them), Grams of a
+    whole model up to :data:`KEEP_STATS_BYTES` come from :func:`collect_grams` (memoised, stored on disk, shared with
+    other methods); otherwise they are computed for one group at a time and freed with it. Either way the
     method sees the dense model's Grams and may edit each group's blocks in its step.
     """
     placement = of(calib, model)
-    if placement.engine == "whole" or "grams" in calib.memo or \
-            gram_bytes(adapter) * adapter.num_blocks <= KEEP_STATS_BYTES:
+    shareable = calib.cache_dir is not None and gram_bytes(adapter) * adapter.num_blocks <= KEEP_STATS_BYTES
+    if placement.engine == "whole" or "grams" in calib.memo or shareable:
         grams = collect_grams(model, adapter, calib)
         for group in blockwise.partition(adapter.num_blocks, groups):
             with blockwise.at_work(placement, adapter, group):
