@@ -208,6 +208,8 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--calib-samples", type=int, default=None, help="random token windows (default 8 on CPU, 128 on CUDA)")
     sc.add_argument("--calib-seq-len", type=int, default=None, help="window length (default 256 on CPU, 2048 on CUDA)")
     sc.add_argument("--json", default=None, metavar="PATH", help="write every figure here (rewritten after each cell)")
+    sc.add_argument("--from-json", action="append", default=[], metavar="PATH",
+                    help="measure nothing: the table and the projection from stored --json files (repeatable)")
     return p
 
 
@@ -235,6 +237,9 @@ def cmd_scaling(args) -> int:
     from bench import scaling
     from bench.models import resolve_device, resolve_dtype
 
+    if args.from_json:
+        cells, setup = scaling.load(args.from_json)
+        return scaling.show(_console(), cells, scaling.project(cells, setup))
     shapes = [scaling.parse_shape(x) for x in _items(",".join(args.shape or ["tiny,small"]), "--shape", "tiny,small")]
     if scaling.PROJECTED in {s.name for s in shapes}:
         raise UserError(f"--shape {scaling.PROJECTED} is always projected from the measured shapes, never built; "
@@ -258,15 +263,13 @@ def cmd_scaling(args) -> int:
     report = scaling.run(shapes, scaling.methods_and_knobs(methods, _knobs(args.knobs)), setup, args.json, args.blocks,
                          on_cell=lambda c: console.print(scaling.progress_line(c), soft_wrap=True, markup=False))
     cells = [scaling.Cell(**c) for c in report.cells]
-    console.print(scaling.table(cells))
-    for line in scaling.projection_lines(report.projections):
-        console.print(line, soft_wrap=True)
+    rc = scaling.show(console, cells, report.projections)
     if cuda and setup.offload and cells and not any(c.placement_peak_bytes for c in cells):
         console.print("note: --offload on, but no method moved a block through the placement: the work ran where "
                       "the model rests (the host)", soft_wrap=True)
     if args.json:
         console.print(f"figures in {args.json}")
-    return 1 if any(c.status == "failed" for c in cells) else 0
+    return rc
 
 
 def _console():

@@ -16,7 +16,7 @@ import math
 import os
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -359,7 +359,7 @@ def progress_line(c: Cell) -> str:
     head = f"{c.method} on {c.shape} ({c.blocks} blocks): "
     if c.status != "ok":
         return head + f"{c.status}: {c.error}"
-    return head + (f"{c.seconds:.1f} s (build {c.build_seconds:.1f} s), achieved ratio {c.achieved_ratio:.4f}, "
+    return head + (f"{c.seconds:.2f} s (build {c.build_seconds:.1f} s), achieved ratio {c.achieved_ratio:.4f}, "
                    f"work {_gb(c.work_bytes)} GB")
 
 
@@ -389,6 +389,14 @@ def table(cells: list[Cell]):
     return t
 
 
+def show(console, cells: list[Cell], projections: list[dict]) -> int:
+    """Print the table and the projection lines; 1 when a cell failed (a refusal is not a failure), else 0."""
+    console.print(table(cells))
+    for line in projection_lines(projections):
+        console.print(line, soft_wrap=True, markup=False)
+    return 1 if any(c.status == "failed" for c in cells) else 0
+
+
 @dataclass
 class Report:
     """What ``--json`` writes: settings, environment, every cell and the projections."""
@@ -408,6 +416,29 @@ def write(path: str | Path, report: Report) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(asdict(report), indent=1, default=str))
     tmp.replace(path)
+
+
+def load(paths: list[str | Path]) -> tuple[list[Cell], Setup]:
+    """The cells of stored reports (several runs, e.g. one per GPU step) and their common setup, for one projection.
+
+    Reports whose calibration or dtype differ are refused: their per-block seconds do not compare.
+    """
+    cells, setup = [], None
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"--from-json {path}: cannot read it ({err})") from None
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA or data.get("schema_version") != SCHEMA_VERSION:
+            raise UserError(f"--from-json {path}: not a {SCHEMA} version {SCHEMA_VERSION} file (written by bench scaling --json)")
+        names = {f.name for f in fields(Setup)}
+        this = Setup(**{k: v for k, v in data["settings"].items() if k in names})
+        same = ("dtype", "calib_samples", "calib_seq_len", "batch_size", "ratio")
+        if setup is not None and any(getattr(this, k) != getattr(setup, k) for k in same):
+            raise UserError(f"--from-json {path}: its {', '.join(same)} differ from {paths[0]}'s; project runs of one setup")
+        setup = setup or this
+        cells += [Cell(**c) for c in data["cells"]]
+    return cells, setup
 
 
 def run(shapes: list[Shape], methods: dict[str, dict], setup: Setup, json_path: str | Path | None = None,

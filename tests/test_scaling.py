@@ -87,12 +87,48 @@ def test_bench_scaling_tiny_end_to_end(tmp_path, capsys):
         assert p["projected"] and p["shape"] == "llama2-70b" and p["blocks"] == 80
         assert 0 <= p["host_bytes_offload"] - 68_976_648_192 * 4 < 2**20  # float32 on CPU, plus the rotary buffers
     assert "PROJECTED, not measured" in out and "NOT A FORECAST" in out and "svdllm" in out
+    assert main(["scaling", "--from-json", str(path)]) == 0  # the same table and projection from the stored file
+    again = capsys.readouterr().out
+    def rows(text):
+        return [line for line in text.splitlines() if line.startswith(("│", "PROJECTED"))]
+
+    assert rows(again) == rows(out) and len(rows(out)) == len(cells) + 1 + len(projected)  # + the memory line
 
 
 @pytest.mark.parametrize("argv", [["--shape", "llama2-70b"], ["--shape", "tiny,tiny"], ["--blocks", "0"],
                                   ["--methods", "svdllm", "--set", "basis.group_size=3"], ["--ratio", "1.5"],
-                                  ["--methods", "nosuch"], ["--set", "delta.train_tokens=many"]])
+                                  ["--methods", "nosuch"], ["--set", "delta.train_tokens=many"],
+                                  ["--from-json", "pyproject.toml"]])
 def test_bench_scaling_refuses_bad_input(argv, capsys):
     assert main(["scaling", "--device", "cpu", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def _cell(shape: scaling.Shape, seconds_per_block: float, setup: scaling.Setup) -> scaling.Cell:
+    facts = scaling.block_facts(scaling.build(shape, "meta"), setup)
+    return scaling.Cell(shape=shape.name, method="m", knobs={}, blocks=shape.blocks, params=facts["params"],
+                        device="cpu", dtype="float32", offload=False, seconds=seconds_per_block * shape.blocks,
+                        seconds_per_block=seconds_per_block, facts=facts)
+
+
+def test_projection_fits_the_exponent_and_says_when_it_is_no_forecast():
+    """Seconds per block growing as block params^1.2 between two shapes: the fit finds 1.2 and carries it to 70B;
+    memory is the one-block formula of 70B's own modules."""
+    setup = scaling.Setup(calib_samples=128, calib_seq_len=2048, dtype="bfloat16")
+    a, b = scaling.SHAPES["llama2-7b"], scaling.SHAPES["llama2-13b"]
+    pa = scaling.block_facts(scaling.build(a, "meta"), setup)["block_params"]
+    pb = scaling.block_facts(scaling.build(b, "meta"), setup)["block_params"]
+    (p,) = scaling.project([_cell(a, 10.0, setup), _cell(b, 10.0 * (pb / pa) ** 1.2, setup)], setup)
+    assert p["exponent"] == pytest.approx(1.2) and p["from_shape"] == "llama2-13b"
+    growth = p["facts"]["block_params"] / pb
+    assert p["seconds"] == pytest.approx(10.0 * (pb / pa) ** 1.2 * growth ** 1.2 * 80)
+    f = p["facts"]
+    assert f["block_params"] == 2 * 8192**2 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192
+    assert f["statistics_bytes_per_block"] == (3 * 8192**2 + 28672**2) * 8  # attn_in, attn_out, mlp_in, mlp_out
+    assert f["one_block_bytes"] == f["non_block_bytes"] + f["block_bytes"] + f["statistics_bytes_per_block"] \
+        + f["activation_bytes"]
+    lines = scaling.projection_lines([p])
+    assert all(line.startswith("PROJECTED, not measured") for line in lines) and "NOT A FORECAST" not in lines[1]
+    (tiny,) = scaling.project([_cell(scaling.SHAPES["tiny"], 0.5, setup)], setup)
+    assert tiny["exponent"] == 1.5 and "NOT A FORECAST" in scaling.projection_lines([tiny])[1]
