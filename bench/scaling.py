@@ -215,6 +215,10 @@ class Cell:
     achieved_ratio: float | None = None
     facts: dict = field(default_factory=dict)
     traceback: str = ""
+    #: the host's 1-minute load average and torch's threads when compress ended: CPU seconds taken beside other work
+    #: mean little (on a busy 2-core host a float64 SVD-heavy compress ran 30x slower with 2 threads than with 1)
+    load_average: float | None = None
+    threads: int = 0
 
 
 def methods_and_knobs(methods: list[str] | None, knobs: dict[str, dict]) -> dict[str, dict]:
@@ -267,6 +271,8 @@ def measure(shape: Shape, method: str, knobs: dict, setup: Setup) -> Cell:
             t0 = time.perf_counter()
             inst.compress(model, adapter, calib, solution)
             cell.compress_seconds = time.perf_counter() - t0
+        cell.load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        cell.threads = torch.get_num_threads()
         cell.peak_device_bytes = getattr(mem, "device_peak_bytes", None) or (mem.peak_bytes if cuda else None)
         cell.peak_host_bytes = getattr(mem, "host_peak_bytes", None) or host.peak_bytes
         cell.work_bytes = (cell.peak_device_bytes if cuda else cell.peak_host_bytes) - before
