@@ -9,6 +9,7 @@ model equals the solver's prediction, a fine method lands within the tolerance o
 import dataclasses
 
 import pytest
+import torch
 
 from bench import scaling
 from bench.adapters import get_adapter
@@ -19,6 +20,16 @@ RATIO = 0.2
 SIZES = [("tiny", 4), ("tiny", 8), ("tiny", 16), ("small", 4)]
 METHODS = ["svdllm", "basis", "slicegpt", "shortgpt"]
 KNOBS = {"slicegpt": {"round_to": 1}}  # width 64: slices in steps of 8 are too coarse for the tolerance
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread while timing: on a 2-core host busy with other work, float64 SVDs with 2 OpenMP threads ran
+    these 16 cases in 120 s instead of 3.4 s; one thread keeps them cheap and their timings comparable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("method", METHODS)
