@@ -10,6 +10,7 @@ Shapes too big to measure (llama2-70b) are *projected* from the per-block figure
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import math
@@ -236,9 +237,15 @@ def methods_and_knobs(methods: list[str] | None, knobs: dict[str, dict]) -> dict
 
 
 def _free(device: str) -> None:
+    """Release what the last cell held, to the OS too: freed heap pages that glibc keeps would stay in the RSS and
+    hide the next cell's host memory (its work was read as 0.02 GB or 0.13 GB depending on the cells before it)."""
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the RSS figures may include freed memory
+        pass
 
 
 def measure(shape: Shape, method: str, knobs: dict, setup: Setup) -> Cell:
