@@ -198,6 +198,26 @@ def _parser() -> argparse.ArgumentParser:
     tp.add_argument("--limit", type=int, default=40, help="documents per task")
     tp.add_argument("--stock", action="store_true", help="also time stock lm-eval HFLM, for before and after")
     tp.add_argument("--cache-dir", default=None)
+
+    sc = sub.add_parser("scaling", help="compression seconds and peak memory per method on random-weight Llama models "
+                                        "of growing size (nothing downloaded; llama2-70b is projected)")
+    sc.add_argument("--shape", action="append", default=None, metavar="SHAPE[,SHAPE]",
+                    help="tiny, small, smollm2-135m, llama2-7b, llama2-13b, llama2-70b (projected only) or "
+                         "HIDDENxINTERMEDIATExBLOCKS[xHEADS[xKV]]; repeatable (default tiny,small)")
+    sc.add_argument("--blocks", type=int, default=None, help="override every shape's block count")
+    sc.add_argument("--methods", default="all", help="comma-separated, or 'all' (DeltaLLM untrained: delta.train_tokens=0)")
+    sc.add_argument("--set", dest="knobs", action="append", default=[], metavar="METHOD.KNOB=VALUE",
+                    help="set a method knob, e.g. --set delta.train_tokens=4096 (repeatable)")
+    sc.add_argument("--ratio", default="0.2", help="whole-model share of parameters to remove (default 0.2)")
+    sc.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    sc.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    sc.add_argument("--offload", default="off", choices=["on", "off"],
+                    help="on: blocks rest in host memory, only the block at work goes to the device (default off)")
+    sc.add_argument("--calib-samples", type=int, default=None, help="random token windows (default 8 on CPU, 128 on CUDA)")
+    sc.add_argument("--calib-seq-len", type=int, default=None, help="window length (default 256 on CPU, 2048 on CUDA)")
+    sc.add_argument("--json", default=None, metavar="PATH", help="write every figure here (rewritten after each cell)")
+    sc.add_argument("--from-json", action="append", default=[], metavar="PATH",
+                    help="measure nothing: the table and the projection from stored --json files (repeatable)")
     return p
 
 
@@ -219,6 +239,45 @@ def cmd_throughput(args) -> int:
     print(throughput.report(throughput.measure(loaded.model, loaded.tokenizer, tasks, args.limit, args.stock,
                                                windows=windows, ppl_batch=_ppl_batch(quick))))
     return 0
+
+
+def cmd_scaling(args) -> int:
+    from bench import scaling
+    from bench.models import resolve_device, resolve_dtype
+
+    if args.from_json:
+        cells, setup = scaling.load(args.from_json)
+        return scaling.show(_console(), cells, scaling.project(cells, setup))
+    shapes = [scaling.parse_shape(x) for x in _items(",".join(args.shape or ["tiny,small"]), "--shape", "tiny,small")]
+    if scaling.PROJECTED in {s.name for s in shapes}:
+        raise UserError(f"--shape {scaling.PROJECTED} is always projected from the measured shapes, never built; "
+                        "measure llama2-7b or llama2-13b and read the projection line")
+    _positive(args.blocks, "--blocks", "4")
+    _positive(args.calib_samples, "--calib-samples", "8")
+    _positive(args.calib_seq_len, "--calib-seq-len", "256")
+    ratios = _floats(args.ratio)
+    if len(ratios) != 1 or not 0.0 < ratios[0] < 1.0:
+        raise UserError(f"--ratio {args.ratio}: give one share in (0, 1), e.g. 0.2")
+    methods = None if args.methods == "all" else _items(args.methods, "--methods", "svdllm,basis")
+    device = resolve_device(args.device)
+    cuda = device.startswith("cuda")
+    setup = scaling.Setup(device=device, dtype=str(resolve_dtype(args.dtype, device)).removeprefix("torch."),
+                          offload=args.offload == "on", ratio=ratios[0],
+                          calib_samples=args.calib_samples or (128 if cuda else 8),
+                          calib_seq_len=args.calib_seq_len or (2048 if cuda else 256))
+    if args.json:
+        _writable(str(Path(args.json).parent), "--json")
+    console = _console()
+    report = scaling.run(shapes, scaling.methods_and_knobs(methods, _knobs(args.knobs)), setup, args.json, args.blocks,
+                         on_cell=lambda c: console.print(scaling.progress_line(c), soft_wrap=True, markup=False))
+    cells = [scaling.Cell(**c) for c in report.cells]
+    rc = scaling.show(console, cells, report.projections)
+    if cuda and setup.offload and cells and not any(c.placement_peak_bytes for c in cells):
+        console.print("note: --offload on, but no method moved a block through the placement: the work ran where "
+                      "the model rests (the host)", soft_wrap=True)
+    if args.json:
+        console.print(f"figures in {args.json}")
+    return rc
 
 
 def _console():
@@ -431,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     handler = {"run": cmd_run, "sweep": cmd_sweep, "leaderboard": cmd_leaderboard, "list": cmd_list, "generate": cmd_generate,
-               "compare": cmd_compare, "throughput": cmd_throughput}
+               "compare": cmd_compare, "throughput": cmd_throughput, "scaling": cmd_scaling}
     try:
         return handler[args.command](args)
     except UserError as err:

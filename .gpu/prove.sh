@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# GPU proof of `bench scaling` (issue 8, "How it is proven"): compression seconds and peak memory per method on
+# random-weight Llama models of growing size, for a session lent one H100 (80 GB, 16 cores, no network). Nothing is
+# downloaded: every model is built in place from its shape (bench/scaling.py).
+#
+#   .gpu/prove.sh [STEP ...]     steps: smollm2 flat 7b 13b (default: all four, in that order)
+#   OUT=DIR .gpu/prove.sh 7b     where the figures go (default $OUT, else ./prove-out); PYTHON=... picks the interpreter
+#
+# Each step runs under its own `timeout` (STEP_TIMEOUT seconds, default 540, so that one step fits the lent machine's
+# 10-minute command limit); a step that fails or runs out of time does not stop the next, and its JSON keeps every
+# cell finished before the cut (bench scaling rewrites it after each cell). Written: one JSON per step, prove.log
+# (everything printed), env.txt (GPU, driver, versions, commit).
+#
+# What each step proves, with a rough GUESS of its time on an H100 (none of this has run on a GPU yet):
+#   smollm2  SmolLM2-135M's shape, every method (DeltaLLM untrained), bf16 on the GPU: the whole path runs on CUDA
+#            (build, solve, compress, device and host peaks) and each method reaches its ratio.            ~1-3 min
+#   flat     llama2-7b cut to 4 and to 8 blocks, svdllm, --offload on: with the block-wise engine the peak device
+#            memory is the same for 4 and 8 blocks (one block, its Gram matrices and the activations); without
+#            it the peak grows with the blocks and the output says that no method used the placement.      ~3-6 min
+#   7b       llama2-7b, every method (DeltaLLM untrained), the whole model on the GPU (13.5 GB in bf16): seconds
+#            and peaks per method; svdllm's whole-model Gram matrices (~44 GB in float64) still fit 80 GB. Cheapest
+#            methods first. ~20-40 min in all (224 float64 SVDs of 4096-wide matrices for svdllm alone), so
+#            expect one call to finish the cheap methods; run the rest in another call:
+#            METHODS_7B=svdllm,basis,delta .gpu/prove.sh 7b
+#   13b      llama2-13b, slicegpt,svdllm,basis, --offload on: 26 GB of weights plus ~86 GB of whole-model Gram
+#            matrices cannot fit 80 GB, so this passes only when blocks go to the GPU one at a time (~2.2 GB of
+#            Grams a block).                                                                              ~10-30 min
+# Then, anywhere (no GPU needed), with the JSON files brought back:
+#   bench scaling --from-json 7b.json --from-json 13b.json     # the table and the llama2-70b PROJECTION
+# The steps share the default calibration (128 random windows x 2048 tokens, bf16), so their per-block seconds compare.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/prove-out}
+STEP_TIMEOUT=${STEP_TIMEOUT:-540}
+mkdir -p "$OUT"
+LOG=$OUT/prove.log
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for candidate in "$PWD/.venv/bin/python" "$(command -v python3)" "$(command -v python)"; do
+    if [ -n "$candidate" ] && [ -x "$candidate" ]; then PY=$candidate; break; fi
+  done
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 TQDM_DISABLE=1
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+
+{
+  date -u +%FT%TZ
+  git rev-parse HEAD 2>/dev/null || echo "no git"
+  nvidia-smi 2>&1 || echo "no nvidia-smi"
+  "$PY" -c 'import torch, transformers; print("python", __import__("sys").version.split()[0], "torch", torch.__version__,
+"cuda", torch.version.cuda, "transformers", transformers.__version__, "gpu",
+torch.cuda.get_device_name() if torch.cuda.is_available() else None)' 2>&1
+  nproc; free -g
+} >"$OUT/env.txt" 2>&1
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo "no CUDA device visible to $PY; this script proves the GPU path (see $OUT/env.txt)" | tee -a "$LOG"
+  exit 2
+fi
+
+STATUS=()
+run_step() {  # NAME, then the arguments of `bench scaling`
+  local name=$1 t0=$SECONDS rc
+  shift
+  echo "=== $name: bench scaling --device cuda $* (timeout ${STEP_TIMEOUT} s) $(date -u +%FT%TZ)" | tee -a "$LOG"
+  timeout --kill-after=30 "$STEP_TIMEOUT" "$PY" -m bench.cli scaling --device cuda "$@" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  local why=""
+  [ "$rc" = 124 ] || [ "$rc" = 137 ] && why=" (timed out: the JSON keeps the cells finished before)"
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s$why" | tee -a "$LOG"
+  STATUS+=("$name=$rc")
+}
+
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(smollm2 flat 7b 13b)
+for step in "${steps[@]}"; do
+  case $step in
+    smollm2) run_step smollm2 --shape smollm2-135m --json "$OUT/smollm2.json" ;;
+    flat)
+      for n in 4 8; do
+        run_step "flat-$n" --shape llama2-7b --blocks "$n" --offload on --methods svdllm --json "$OUT/flat-$n.json"
+      done ;;
+    7b) run_step 7b --shape llama2-7b --methods "${METHODS_7B:-shortgpt,jointdrop,slicegpt,laco,svdllm,basis,delta}" \
+          --json "$OUT/7b.json" ;;
+    13b) run_step 13b --shape llama2-13b --offload on --methods "${METHODS_13B:-slicegpt,svdllm,basis}" \
+           --json "$OUT/13b.json" ;;
+    *) echo "unknown step $step; steps: smollm2 flat 7b 13b" | tee -a "$LOG"; STATUS+=("$step=unknown") ;;
+  esac
+done
+
+shopt -s nullglob
+figures=()
+for f in "$OUT"/*.json; do figures+=(--from-json "$f"); done
+if [ ${#figures[@]} -gt 0 ]; then
+  echo "=== all figures of this call together, with the llama2-70b projection" | tee -a "$LOG"
+  timeout 120 "$PY" -m bench.cli scaling "${figures[@]}" 2>&1 | tee -a "$LOG"
+fi
+echo "=== steps: ${STATUS[*]}; figures in $OUT" | tee -a "$LOG"
+for s in "${STATUS[@]}"; do [ "${s#*=}" = 0 ] || exit 1; done
+exit 0
