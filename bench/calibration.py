@@ -149,7 +149,7 @@ def collect_grams(model: nn.Module, adapter, calib: Calibration, progress: Progr
                 for b, stats in step.stats.items():
                     grams.update({(b, role): g.to(placement.home) for role, g in stats["grams"].items()})
         calib.memo["grams"] = grams
-        calib.log("grams", "computed", time.perf_counter() - t0, engine=placement.engine)
+        calib.log("grams", "computed", time.perf_counter() - t0, engine=placement.engine, kept=True)
         _store(path, {f"{b}.{role}": g for (b, role), g in grams.items()})
     finally:
         _release(path)
