@@ -60,6 +60,8 @@ def frame(records: list[Record], docs: list[dict | None] | None = None) -> pd.Da
             "eval_peak_device_MB": _mb(m, "eval_peak_device_bytes", "peak_memory_bytes"),
             "eval_peak_host_MB": _mb(m, "eval_peak_host_bytes"),
             "device_name": r.environment.get("hardware", {}).get("device_name"), "dtype": r.model.get("dtype"),
+            # blocks kept in host memory: latency and evaluation memory include moving them (CSV only)
+            "offloaded": bool((r.details.get("placement") or {}).get("offload")),
             "prefill_ms": m.get("prefill_ms"), "decode_tok_s": m.get("decode_tokens_per_s"),
             "compress_s": r.cost.get("compress_seconds"), "train_tokens": r.cost.get("train_tokens"),
             "status": _status(r, ref),

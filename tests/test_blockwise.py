@@ -202,6 +202,11 @@ def test_bench_run_offloaded_under_a_small_device_budget_matches_the_resident_ru
         assert rec.key == resident[method].key  # offloading changes where, not what: the same cell
         assert rec.metrics["perplexity"] == pytest.approx(resident[method].metrics["perplexity"], rel=1e-4)
         assert rec.solution.get("knobs") == resident[method].solution.get("knobs")
+    import pandas as pd
+
+    for where, flag in (("resident", False), ("offload", True)):
+        csv = pd.read_csv(tmp_path / where / "lb" / "leaderboard.csv")
+        assert csv["offloaded"].tolist() == [flag] * len(csv)  # latency read with that in mind
 
 
 def test_bench_run_refuses_a_device_too_small_for_one_block(tmp_path, deep_model_dir, capsys):
