@@ -234,3 +234,37 @@ def test_every_method_runs_in_half_precision_or_refuses_clearly(dtype):
         with torch.no_grad():
             logits = model(input_ids=tiny_calibration().tokens[:2]).logits
         assert logits.dtype == dtype and torch.isfinite(logits).all(), method
+
+
+def _halve_block0_mlp_out(model) -> None:
+    adapter = get_adapter(model)
+    adapter.linear(0, adapter.kinds()[-1]).weight.data.mul_(0.5)
+
+
+def _block1_inputs(model, batches) -> list[torch.Tensor]:
+    adapter, seen = get_adapter(model), []
+    hook = adapter.block(1).register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(adapter.block_input(args, kwargs).clone()), with_kwargs=True)
+    with torch.no_grad():
+        for batch in batches:
+            model(input_ids=batch, use_cache=False)
+    hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_walk_feeds_the_next_block_from_the_dense_or_the_edited_block(after, family):
+    """after=False: the next block reads the dense model's activations; after=True: those of the edited model."""
+    batches = list(tiny_calibration().batches("cpu"))
+    dense, edited = make_tiny(family, num_hidden_layers=3), make_tiny(family, num_hidden_layers=3)
+    _halve_block0_mlp_out(edited)
+    want, other = _block1_inputs(edited if after else dense, batches), _block1_inputs(dense if after else edited, batches)
+    model = make_tiny(family, num_hidden_layers=3)
+    inputs = {}
+    for step in blockwise.walk(model, get_adapter(model), batches, _placement("blockwise"), after=after):
+        inputs[step.blocks[0]] = step.inputs
+        if step.blocks[0] == 0:
+            _halve_block0_mlp_out(model)  # the method's edit
+    for got, w, o in zip(inputs[1], want, other, strict=True):
+        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, o, rtol=1e-3, atol=1e-3)  # the two choices really differ
