@@ -280,7 +280,7 @@ def measure(shape: Shape, method: str, knobs: dict, setup: Setup) -> Cell:
             cell.compress_seconds = time.perf_counter() - t0
         cell.load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         cell.threads = torch.get_num_threads()
-        cell.peak_device_bytes = getattr(mem, "device_peak_bytes", None) or (mem.peak_bytes if cuda else None)
+        cell.peak_device_bytes = mem.device_peak_bytes if cuda else None  # on CPU the "device" is the host: no own peak
         cell.peak_host_bytes = getattr(mem, "host_peak_bytes", None) or host.peak_bytes
         cell.work_bytes = (cell.peak_device_bytes if cuda else cell.peak_host_bytes) - before
         cell.peak_sources = {"device": mem.source if cuda else None, "host": host.source}

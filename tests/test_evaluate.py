@@ -147,9 +147,9 @@ def test_peak_memory_sees_a_temporary_allocation(host_method) -> None:
     with efficiency.PeakMemory(device="cpu") as baseline:
         pass
     with efficiency.PeakMemory(device="cpu") as peak:
-        tensor = torch.ones(200 * MiB // 4)
+        block = _touch(200 * MiB)  # fresh pages: a tensor could reuse heap a long test process already holds
         time.sleep(0.05)  # the sampler's interval is 5 ms
-        del tensor
+        block.close()
     assert peak.host_source == host_method
     assert peak.host_peak_bytes > baseline.host_peak_bytes + 160 * MiB
     assert peak.device_source == "cpu: device is host memory"
