@@ -239,7 +239,8 @@ def walk(model: nn.Module, adapter, batches: Sequence[torch.Tensor], placement: 
     if unknown:
         raise ValueError(f"unknown probes {unknown}; known: {sorted(PROBES)}")
     cap = capture(model, adapter, batches, placement)
-    xs = cap.inputs
+    xs, kwargs = cap.inputs, cap.kwargs
+    del cap  # block 0's inputs must not outlive their group
     live = tensor_bytes(xs)
     placement.account(live)
     try:
@@ -248,18 +249,24 @@ def walk(model: nn.Module, adapter, batches: Sequence[torch.Tensor], placement: 
                 step, ys = Step(blocks=group, inputs=xs), xs
                 for i in group:
                     made = {name: PROBES[name]() for name in probes}
-                    ys = _run(adapter.block(i), adapter, ys, cap.kwargs[i], made)
+                    ys = _run(adapter.block(i), adapter, ys, kwargs[i], made)
                     step.stats[i] = {name: p.result() for name, p in made.items()}
-                held = _stats_bytes(step.stats) + tensor_bytes(ys)
+                if after:  # the dense outputs are not needed: the edited blocks' own replace them below
+                    ys = None
+                held = _stats_bytes(step.stats) + tensor_bytes(ys or [])
                 placement.account(held)
                 try:
                     yield step
                     if after:  # the edited blocks' own outputs (blocks may have been replaced: look them up again)
                         ys = xs
                         for i in group:
-                            ys = _run(adapter.block(i), adapter, ys, cap.kwargs[i])
+                            ys = _run(adapter.block(i), adapter, ys, kwargs[i])
                 finally:
                     placement.account(-held)
+                    # the caller's loop variable still holds this step while the next group runs: empty it, so
+                    # that its inputs and statistics are freed now rather than one group later
+                    step.stats.clear()
+                    step.inputs = []
                     del step
             placement.account(tensor_bytes(ys) - live)
             xs, live = ys, tensor_bytes(ys)

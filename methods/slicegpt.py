@@ -247,6 +247,7 @@ class SliceGPT(Method):
             q_global = None
             cap = blockwise.capture(model, adapter, list(calibration.batches(work)), placement)
             xs, kwargs = cap.inputs, cap.kwargs
+            del cap  # the embeddings' outputs live on only as xs, replaced block by block
             if self.knobs.variant == "official":  # the block-0 signal is the (scaled) embedding row: centre it too
                 xs = [x - x.mean(-1, keepdim=True) for x in xs]
             q0, vals = self._pca(xs)

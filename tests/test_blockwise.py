@@ -132,6 +132,55 @@ def test_peak_statistics_memory_is_flat_in_the_number_of_blocks():
     assert held[16] == 4 * held[4]
 
 
+class _Spy(blockwise.Probe):
+    """Measures, while each batch passes a block, the bytes of every activation the walk has made that is still
+    alive, and of every statistic it has already handed out."""
+
+    seen: list = []
+    handed: list = []
+    peak_acts = 0
+    peak_handed = 0
+
+    def observe(self, x_in, x_out):
+        _Spy.seen += [weakref.ref(x_in), weakref.ref(x_out)]
+        alive = {id(t): t for t in (r() for r in _Spy.seen) if t is not None}
+        _Spy.peak_acts = max(_Spy.peak_acts, sum(_nbytes(t) for t in alive.values()))
+        _Spy.peak_handed = max(_Spy.peak_handed, sum(_nbytes(r()) for r in _Spy.handed))
+
+    def result(self):
+        return None
+
+
+def _walk_peaks(monkeypatch, blocks: int, after: bool) -> tuple[int, int, int]:
+    """Peak live activations and handed-out Grams during an offloaded walk whose caller keeps its loop variable, as
+    SVD-LLM's ``for step in ...`` does; and the bytes of one full set of activations (every batch, one point)."""
+    monkeypatch.setitem(blockwise.PROBES, "spy", _Spy)
+    _Spy.seen, _Spy.handed, _Spy.peak_acts, _Spy.peak_handed = [], [], 0, 0
+    model = make_tiny("llama", num_hidden_layers=blocks)
+    adapter = get_adapter(model)
+    calib = tiny_calibration()
+    batches = list(calib.batches("cpu"))
+    one_set = calib.n_samples * calib.seq_len * model.config.hidden_size * 4
+    for step in blockwise.walk(model, adapter, batches, _placement("blockwise", offload=True), ["grams", "spy"],
+                               after=after):
+        for b in step.blocks:
+            _Spy.handed += [weakref.ref(g) for g in step.stats[b]["grams"].values()]
+    return _Spy.peak_acts, _Spy.peak_handed, one_set
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_a_walk_holds_one_block_of_activations_and_no_finished_statistics(monkeypatch, after):
+    """Found on an H100 (llama2-7b shape, svdllm offloaded): the device peak rose by one calibration set of
+    activations from 2 to 4 blocks, because block 0's inputs lived for the whole walk and the caller's previous step
+    kept its inputs and Grams alive while the next block ran. Now, at any block count, a block's inputs and outputs
+    are the only activations alive, and no statistic already handed out survives into the next block's run."""
+    peaks = {n: _walk_peaks(monkeypatch, n, after) for n in (2, 4, 8)}
+    for n, (acts, handed, one_set) in peaks.items():
+        assert acts <= 2 * one_set, (n, acts / one_set)
+        assert handed == 0, (n, handed)
+    assert len({p[0] for p in peaks.values()}) == 1, peaks  # flat, not merely bounded
+
+
 def test_a_budget_below_one_block_is_refused_with_the_fix():
     model = make_tiny("llama", num_hidden_layers=4)
     adapter = get_adapter(model)
