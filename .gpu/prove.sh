@@ -13,23 +13,25 @@
 # cell finished before the cut (bench scaling rewrites it after each cell). Written: one JSON per step, prove.log
 # (everything printed), env.txt (GPU, driver, versions, commit).
 #
-# What each step proves, with a rough GUESS of its time on an H100 (none of this has run on a GPU yet):
+# What each step proves, with times measured on an H100 on 2026-11-26 (figures: results/scaling/h100-2026-11-26/).
+# Building a random 7B/13B-shaped model costs 25-35 s per cell, before its compression:
 #   smollm2  SmolLM2-135M's shape, every method (DeltaLLM untrained), bf16 on the GPU: the whole path runs on CUDA
-#            (build, solve, compress, device and host peaks) and each method reaches its ratio.            ~1-3 min
-#   flat     llama2-7b cut to 4 and to 8 blocks, svdllm, --offload on: with the block-wise engine the peak device
-#            memory is the same for 4 and 8 blocks (one block, its Gram matrices and the activations); without
-#            it the peak grows with the blocks and the output says that no method used the placement.      ~3-6 min
-#   7b       llama2-7b, every method (DeltaLLM untrained), the whole model on the GPU (13.5 GB in bf16): seconds
-#            and peaks per method; svdllm's whole-model Gram matrices (~44 GB in float64) still fit 80 GB. Cheapest
-#            methods first. ~20-40 min in all (224 float64 SVDs of 4096-wide matrices for svdllm alone), so
-#            expect one call to finish the cheap methods; run the rest in another call:
-#            METHODS_7B=svdllm,basis,delta .gpu/prove.sh 7b
+#            (build, solve, compress, device and host peaks) and each method reaches its ratio.        44 s in all
+#   flat     llama2-7b cut to FLAT_BLOCKS blocks (default 4 and 8), svdllm, --offload on: the peak device memory
+#            is the same at every depth (one block, its Gram matrices and the activations).  ~15 s/block + build
+#   7b       llama2-7b, every method (DeltaLLM untrained); the whole model on the GPU unless EXTRA_7B says
+#            "--blocks 4 --offload on" (what fits a 15-minute session: 4 blocks cost svdllm 61 s, basis 43 s,
+#            slicegpt 12 s, laco 15 s, shortgpt 4 s, jointdrop 3 s, each after its build). Full depth: ~8 min for
+#            svdllm alone. Cheapest methods first; METHODS_7B picks them.
 #   13b      llama2-13b, slicegpt,svdllm,basis, --offload on: 26 GB of weights plus ~86 GB of whole-model Gram
-#            matrices cannot fit 80 GB, so this passes only when blocks go to the GPU one at a time (~2.2 GB of
-#            Grams a block).                                                                              ~10-30 min
+#            matrices cannot fit 80 GB, so this passes only when blocks go to the GPU one at a time. At
+#            EXTRA_13B="--blocks 2": slicegpt 10 s, svdllm 66 s, basis more than the 70 s left of a 190 s step.
 #   real     the real SmolLM2-135M through every method at 12 % on CUDA in bf16 (perplexity only, --tasks none),
 #            compared with the committed CPU float32 records (results/smollm2-135m/quick, seed 0): the issue asks for
-#            perplexity within 1 %. Needs .gpu-assets/a and .gpu-assets/b on the machine (see .gpu/assets.sh).  ~3-6 min
+#            perplexity within 1 %. Needs both halves of .gpu/assets.sh, carried by two calls on one warm machine.
+#            Not run yet (the first session lost half a between calls, fixed since).
+# A 15-minute session: call 1 carries .gpu-assets/a and runs `.gpu/prove.sh smollm2 13b` with
+# EXTRA_13B="--blocks 2" METHODS_13B=basis; call 2, at once, carries .gpu-assets/b and runs `.gpu/prove.sh real`.
 # Then, anywhere (no GPU needed), with the JSON files brought back:
 #   bench scaling --from-json 7b.json --from-json 13b.json     # the table and the llama2-70b PROJECTION
 # The steps share the default calibration (128 random windows x 2048 tokens, bf16), so their per-block seconds compare.
