@@ -44,6 +44,9 @@ def test_built_weights_are_seeded_tied_and_the_rotary_buffers_real():
     a, b = scaling.build(shape, seed=3), scaling.build(shape, seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
     assert not torch.equal(a.model.layers[0].mlp.up_proj.weight, scaling.build(shape, seed=4).model.layers[0].mlp.up_proj.weight)
+    # drawn elsewhere and copied home (a GPU draws an offloaded model's weights): the same draws, resting on the host
+    c = scaling.build(shape, "cpu", seed=3, draw_on="cpu")
+    assert all(torch.equal(x, y) and y.device.type == "cpu" for x, y in zip(a.parameters(), c.parameters(), strict=True))
     w = torch.cat([p.detach().flatten() for p in a.parameters() if p.dim() == 2])
     assert abs(float(w.std()) - 0.02) < 0.001 and abs(float(w.mean())) < 0.001
     assert all(bool((p == 1).all()) for p in a.parameters() if p.dim() == 1)
