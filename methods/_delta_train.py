@@ -12,7 +12,8 @@ decay (it would pull every follower towards its base), gradient norm clipped at 
 
 A step takes ``batch_size`` rows; with ``micro_batch`` it runs them in slices of that many rows and accumulates the
 gradients (each slice's loss weighted by its share of the rows, so the step's loss and gradient are the full
-batch's). With ``autocast`` (bf16 on CUDA) the forwards run under autocast; the KL is always taken in float32.
+batch's). With ``autocast`` (bf16; ``delta.autocast=auto`` asks for it on CUDA only) the forwards run under autocast;
+the KL is always taken in float32.
 ``measure`` (with ``curve_at``) pauses training at those token counts to measure the model as it stands, every
 block compressed; that time is left out of tokens/s.
 """
@@ -94,10 +95,10 @@ def eval_kl(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch_s
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    """Autocast to ``dtype`` on ``device`` (CUDA only; a no-op elsewhere or without a dtype)."""
-    if dtype is None or device.type != "cuda":
+    """Autocast to ``dtype`` on ``device`` (CUDA or CPU; a no-op without a dtype or on other devices)."""
+    if dtype is None or device.type not in ("cuda", "cpu"):
         return nullcontext()
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def train(model: nn.Module, adapter, teacher: nn.Module, windows: torch.Tensor, params: list[nn.Parameter],
@@ -163,7 +164,8 @@ def train(model: nn.Module, adapter, teacher: nn.Module, windows: torch.Tensor, 
     seconds = time.perf_counter() - start - paused
     log = {"steps": steps, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
            "batch_windows": cfg.batch_size, "micro_batch": micro, "seq_len": int(windows.shape[1]), "lr": cfg.lr,
-           "autocast": str(cfg.autocast).replace("torch.", "") if device.type == "cuda" and cfg.autocast else "off",
+           "autocast": str(cfg.autocast).replace("torch.", "") if device.type in ("cuda", "cpu") and cfg.autocast
+           else "off",
            "param_dtype": str(params[0].dtype).replace("torch.", "") if params else None,
            "temperature": cfg.temperature, "pmr": {"start": cfg.pmr_start, "warmup": cfg.pmr_warmup},
            "loss_first": losses[0], "loss_last": losses[-1], "curve": curve(losses, probs)}

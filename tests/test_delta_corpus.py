@@ -146,6 +146,21 @@ def test_default_is_the_calibration_training_of_before():
         [0.00011134579835925251, 0.0002183108008466661, 0.00019972323207184672, 0.00022128570708446205], rel=1e-4)
 
 
+def test_bf16_autocast_trains_in_float32_weights_and_is_recorded():
+    """The path a GPU run takes (delta.autocast=auto is bf16 there), run on CPU through delta.autocast=bf16: the
+    forwards under bf16 autocast, the KL in float32, the deltas still float32, and the KL still falls."""
+    model, info = _calibration_run(autocast="bf16")
+    train, kl = info.details["train"], info.details["kl"]
+    assert train["autocast"] == "bfloat16" and train["param_dtype"] == "float32"
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert kl["train_trained"] < kl["train_untrained"]
+    off, info_off = _calibration_run(autocast="off")
+    assert info_off.details["train"]["autocast"] == "off"
+    # the same steps in bf16 arithmetic end near, not at, the float32 run's weights
+    diffs = [float((a - b).detach().abs().max()) for a, b in zip(model.parameters(), off.parameters(), strict=True)]
+    assert 0 < max(diffs) < 0.05
+
+
 def test_micro_batches_give_the_full_batch_step():
     whole, info = _calibration_run()
     sliced, info2 = _calibration_run(micro_batch=1)
