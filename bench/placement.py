@@ -109,13 +109,44 @@ def of(calibration, model: nn.Module) -> Placement:
 CUDA_USABLE = 0.9
 
 
+def factorisation_bytes(adapter) -> int:
+    """A whitened float64 factorisation of the widest-input linear: its Gram's Cholesky factor, that factor's inverse
+    and the whitened weight, each at most in^2 float64 (the Gram itself is the engine's statistics)."""
+    widest = max(adapter.linear(0, kind).in_features for kind in adapter.kinds())
+    return 3 * widest**2 * 8
+
+
+def float_signals_bytes(adapter, tokens: int, copies: int = 2) -> int:
+    """``copies`` float32 copies of every calibration token's hidden state."""
+    return copies * tokens * adapter.embeddings().weight.shape[1] * 4
+
+
+def working_set(model: nn.Module, adapter, calib_samples: int, calib_seq_len: int, batch_size: int,
+                workspace: int = 0) -> dict[str, int]:
+    """The fit estimate's parts (bytes): ``alone`` with only a pair of blocks on the device, ``whole`` resident."""
+    blocks = list(adapter.blocks())
+    weights = module_bytes(model)
+    rest = weights - module_bytes(*blocks)
+    block = max(module_bytes(b) for b in blocks)
+    elem = next(model.parameters()).element_size()
+    cfg = model.config
+    acts = 2 * calib_samples * calib_seq_len * cfg.hidden_size * elem
+    inner = batch_size * calib_seq_len * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size) * 4 * 3
+    stats = 2 * gram_bytes(adapter)
+    return {"alone": rest + 2 * block + stats + acts + inner + workspace,
+            "whole": weights + stats + acts + inner + workspace,
+            "block": block, "stats": stats, "acts": acts + inner, "rest": rest, "workspace": workspace}
+
+
 def fits_or_refuse(model: nn.Module, adapter, device: str, offload: str, device_memory_gib: float | None, engine: str,
-                   calib_samples: int, calib_seq_len: int, batch_size: int) -> Placement:
+                   calib_samples: int, calib_seq_len: int, batch_size: int, workspace: int = 0) -> Placement:
     """Decide where the run works (``offload``: auto, on or off) and refuse, before any work, a run that cannot fit.
 
     The budget is ``device_memory_gib`` when given (a cap, or a simulated small device), else 90 % of a CUDA device's
     memory, else (CPU) none. Working alone a block needs: the non-block parts, a group of two blocks (Basis Sharing's
-    default) and their Grams, the calibration activations entering and leaving it, and one batch's MLP intermediates.
+    default) and their Grams, the calibration activations entering and leaving it, one batch's MLP intermediates,
+    and ``workspace``: the largest :meth:`~bench.registry.Method.device_workspace` of the run's methods (on an H100,
+    peaks were 1.3-2.7x the estimate without it).
     """
     from bench.models import resolve_device
 
@@ -130,26 +161,18 @@ def fits_or_refuse(model: nn.Module, adapter, device: str, offload: str, device_
         budget = int(torch.cuda.get_device_properties(dev).total_memory * CUDA_USABLE)
     else:
         budget = None
-    blocks = list(adapter.blocks())
-    weights = module_bytes(model)
-    rest = weights - module_bytes(*blocks)
-    block = max(module_bytes(b) for b in blocks)
-    elem = next(model.parameters()).element_size()
-    cfg = model.config
-    acts = 2 * calib_samples * calib_seq_len * cfg.hidden_size * elem
-    inner = batch_size * calib_seq_len * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size) * 4 * 3
-    stats = 2 * gram_bytes(adapter)
-    alone = rest + 2 * block + stats + acts + inner
-    whole = weights + stats + acts + inner
+    est = working_set(model, adapter, calib_samples, calib_seq_len, batch_size, workspace)
+    alone, whole, block, stats, acts, rest = (est[k] for k in ("alone", "whole", "block", "stats", "acts", "rest"))
     off = {"on": True, "off": False, "auto": budget is not None and whole > budget}[offload]
     if budget is not None:
         need = alone if off else whole
         if need > budget:
             if off:
                 raise UserError(f"{_gb(need)} must be on {dev} at once (one pair of blocks {_gb(2 * block)}, their "
-                                f"statistics {_gb(stats)}, calibration activations {_gb(acts + inner)}, embeddings and "
-                                f"head {_gb(rest)}) but the budget is {_gb(budget)}; use a larger device or fewer "
-                                "calibration tokens (--calib-samples, --calib-seq-len)")
+                                f"statistics {_gb(stats)}, calibration activations {_gb(acts)}, the methods' "
+                                f"own workspace {_gb(workspace)}, embeddings and head {_gb(rest)}) but the budget is "
+                                f"{_gb(budget)}; use a larger device or fewer calibration tokens (--calib-samples, "
+                                "--calib-seq-len)")
             raise UserError(f"the model and its working set need {_gb(need)} on {dev}, above the budget of "
                             f"{_gb(budget)}; use --offload auto (or on) to keep the blocks in host memory")
     return Placement(device=dev, offload=off, budget_bytes=budget, engine=engine)

@@ -82,6 +82,13 @@ class Method:
         """Compress ``model`` in place (structural changes through :mod:`bench.structure`)."""
         raise NotImplementedError
 
+    def device_workspace(self, adapter, tokens: int) -> int:
+        """Bytes this method's own arithmetic holds on the work device at once, beyond what the block-wise engine
+        places there (a block, its statistics, the calibration activations): its factorisation buffers, its float
+        copies of the activations. ``tokens``: calibration tokens. The run adds the largest of its methods' to the
+        up-front fit estimate (:func:`bench.placement.fits_or_refuse`). Default: nothing beyond the engine's."""
+        return 0
+
 
 def _coerce(method: str, knob: str, value: Any, typ: Any) -> Any:
     """Turn a CLI string into the knob's declared type (``X | None`` accepts "none"); NaN and infinity are refused."""

@@ -115,7 +115,7 @@ def run(cfg: RunConfig, events: Events | None = None) -> list[Record]:
     resolve_tasks(list(cfg.suite.tasks))
     wiki = data.wiki_text_path()  # refuse early when the text package is missing
 
-    loaded, placement = place(cfg)
+    loaded, placement = place(cfg, methods=list(instances.values()))
     adapter = get_adapter(loaded.model)
     dense_params = count_params(loaded.model)
     dense_linear = count_block_matrix_params(adapter)
@@ -280,17 +280,22 @@ def _compute(cfg: RunConfig, cell: Cell, rec: Record, state: _State, inst: Metho
         rec.details["cache_repairs"] = rec.details.get("cache_repairs", []) + repairs
 
 
-def place(cfg: RunConfig, placement: Placement | None = None) -> tuple[object, Placement]:
+def place(cfg: RunConfig, placement: Placement | None = None,
+          methods: list[Method] | None = None) -> tuple[object, Placement]:
     """Load the dense model where it belongs: on the device when it fits the budget (and offload is not "on"),
     else in host memory with only the block at work on the device. Refuses (UserError) a device too small even
-    for one block and its statistics. ``placement``: the run's, decided at its first load."""
+    for one block, its statistics and the largest workspace of ``methods``. ``placement``: the run's, decided at
+    its first load."""
     if placement is not None:
         return load_model(cfg.model, str(placement.home), cfg.dtype, cfg.cache, dtype_for=cfg.device), placement
     loaded = load_model(cfg.model, "cpu" if cfg.offload != "off" else cfg.device, cfg.dtype, cfg.cache,
                         dtype_for=cfg.device)
-    placement = fits_or_refuse(loaded.model, get_adapter(loaded.model), cfg.device, cfg.offload, cfg.device_memory,
+    adapter = get_adapter(loaded.model)
+    tokens = cfg.suite.calib_samples * cfg.suite.calib_seq_len
+    workspace = max([m.device_workspace(adapter, tokens) for m in methods or []], default=0)
+    placement = fits_or_refuse(loaded.model, adapter, cfg.device, cfg.offload, cfg.device_memory,
                                cfg.engine, cfg.suite.calib_samples, cfg.suite.calib_seq_len,
-                               max(1, cfg.suite.eval_batch_size // 2))
+                               max(1, cfg.suite.eval_batch_size // 2), workspace=workspace)
     if placement.home != next(loaded.model.parameters()).device:
         loaded.model.to(placement.home)
     loaded.device = str(placement.device)

@@ -42,7 +42,7 @@ from bench.calibration import Calibration, block_grams
 from bench.corpus import DEFAULT_SOURCE, packed_rows
 from bench.errors import UserError
 from bench.evaluate.perplexity import perplexity
-from bench.placement import of
+from bench.placement import factorisation_bytes, of
 from bench.registry import CompressionInfo, Method, Solution, register
 from methods import _delta_train as training
 
@@ -184,6 +184,11 @@ class DeltaLLM(Method):
         if unknown:
             raise UserError(f"delta.shared: {adapter.family} blocks have no linear {unknown}; kinds: {adapter.kinds()}")
         return [s for s in adapter.kinds() if not k.shared or s in k.shared]
+
+    def device_workspace(self, adapter, tokens: int) -> int:
+        """The SVD initialisation's whitened float64 factorisation; the distillation's teacher and logits come on
+        top when training (it runs resident, never offloaded)."""
+        return factorisation_bytes(adapter)
 
     def solve(self, adapter, ratio: float) -> Solution:
         """Shared kinds (MLP first) and one rank r whose counted parameters are at or just above the target."""
