@@ -109,18 +109,6 @@ def of(calibration, model: nn.Module) -> Placement:
 CUDA_USABLE = 0.9
 
 
-def factorisation_bytes(adapter) -> int:
-    """A whitened float64 factorisation of the widest-input linear: its Gram's Cholesky factor, that factor's inverse
-    and the whitened weight, each at most in^2 float64 (the Gram itself is the engine's statistics)."""
-    widest = max(adapter.linear(0, kind).in_features for kind in adapter.kinds())
-    return 3 * widest**2 * 8
-
-
-def float_signals_bytes(adapter, tokens: int, copies: int = 2) -> int:
-    """``copies`` float32 copies of every calibration token's hidden state."""
-    return copies * tokens * adapter.embeddings().weight.shape[1] * 4
-
-
 def working_set(model: nn.Module, adapter, calib_samples: int, calib_seq_len: int, batch_size: int,
                 workspace: int = 0) -> dict[str, int]:
     """The fit estimate's parts (bytes): ``alone`` with only a pair of blocks on the device, ``whole`` resident."""

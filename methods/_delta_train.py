@@ -94,11 +94,15 @@ def eval_kl(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch_s
     return total / max(count, 1)
 
 
+def autocast_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype the forwards actually autocast to: ``dtype`` on CUDA or CPU, None elsewhere or without one."""
+    return dtype if device.type in ("cuda", "cpu") else None
+
+
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    """Autocast to ``dtype`` on ``device`` (CUDA or CPU; a no-op without a dtype or on other devices)."""
-    if dtype is None or device.type not in ("cuda", "cpu"):
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    """Autocast to ``dtype`` on ``device`` (see :func:`autocast_dtype`; a no-op when that is None)."""
+    dtype = autocast_dtype(device, dtype)
+    return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def train(model: nn.Module, adapter, teacher: nn.Module, windows: torch.Tensor, params: list[nn.Parameter],
@@ -164,8 +168,7 @@ def train(model: nn.Module, adapter, teacher: nn.Module, windows: torch.Tensor, 
     seconds = time.perf_counter() - start - paused
     log = {"steps": steps, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
            "batch_windows": cfg.batch_size, "micro_batch": micro, "seq_len": int(windows.shape[1]), "lr": cfg.lr,
-           "autocast": str(cfg.autocast).replace("torch.", "") if device.type in ("cuda", "cpu") and cfg.autocast
-           else "off",
+           "autocast": str(autocast_dtype(device, cfg.autocast) or "off").replace("torch.", ""),
            "param_dtype": str(params[0].dtype).replace("torch.", "") if params else None,
            "temperature": cfg.temperature, "pmr": {"start": cfg.pmr_start, "warmup": cfg.pmr_warmup},
            "loss_first": losses[0], "loss_last": losses[-1], "curve": curve(losses, probs)}

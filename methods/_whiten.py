@@ -60,6 +60,14 @@ class Factors:
 
 
 @torch.no_grad()
+def whitening_workspace(_method, adapter, tokens: int) -> int:
+    """``Method.device_workspace`` of every method that factorises with :func:`whitened_svd`: for the widest-input
+    linear, its Gram's Cholesky factor, that factor's inverse and the whitened weight, each at most in^2 float64
+    (the Gram itself is the engine's statistics)."""
+    widest = max(adapter.linear(0, kind).in_features for kind in adapter.kinds())
+    return 3 * widest**2 * 8
+
+
 def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, rank: int, split: str = "sqrt") -> Factors:
     """Rank-``rank`` factors of ``weight`` (out x in) that minimise the output error on inputs with Gram ``gram``.
 

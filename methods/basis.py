@@ -25,9 +25,9 @@ from bench import structure
 from bench.budget import count_params
 from bench.calibration import Calibration, block_grams
 from bench.errors import UserError
-from bench.placement import factorisation_bytes, of
+from bench.placement import of
 from bench.registry import CompressionInfo, Method, Solution, register
-from methods._whiten import Unit, solve_ratio, whitened_svd
+from methods._whiten import Unit, solve_ratio, whitened_svd, whitening_workspace
 
 SHARED_ROLES = ("attn_in", "mlp_in")
 
@@ -82,9 +82,7 @@ class BasisSharing(Method):
             return list(k.shared)
         return [s for s in adapter.kinds() if adapter.role_of(s) in SHARED_ROLES]
 
-    def device_workspace(self, adapter, tokens: int) -> int:
-        """The whitened float64 factorisation of the widest-input linear (Cholesky factor, inverse, product)."""
-        return factorisation_bytes(adapter)
+    device_workspace = whitening_workspace
 
     def solve(self, adapter, ratio: float) -> Solution:
         shared = self._shared(adapter)

@@ -42,9 +42,10 @@ from bench.calibration import Calibration, block_grams
 from bench.corpus import DEFAULT_SOURCE, packed_rows
 from bench.errors import UserError
 from bench.evaluate.perplexity import perplexity
-from bench.placement import factorisation_bytes, of
+from bench.placement import of
 from bench.registry import CompressionInfo, Method, Solution, register
 from methods import _delta_train as training
+from methods._whiten import whitening_workspace
 
 
 class DeltaLinear(nn.Module):
@@ -185,10 +186,9 @@ class DeltaLLM(Method):
             raise UserError(f"delta.shared: {adapter.family} blocks have no linear {unknown}; kinds: {adapter.kinds()}")
         return [s for s in adapter.kinds() if not k.shared or s in k.shared]
 
-    def device_workspace(self, adapter, tokens: int) -> int:
-        """The SVD initialisation's whitened float64 factorisation; the distillation's teacher and logits come on
-        top when training (it runs resident, never offloaded)."""
-        return factorisation_bytes(adapter)
+    # the SVD initialisation's whitened factorisation; the distillation's teacher and logits come on top when
+    # training (it runs resident, never offloaded)
+    device_workspace = whitening_workspace
 
     def solve(self, adapter, ratio: float) -> Solution:
         """Shared kinds (MLP first) and one rank r whose counted parameters are at or just above the target."""

@@ -39,7 +39,7 @@ from bench.adapters.base import get_module
 from bench.budget import count_params
 from bench.calibration import Calibration, hooks, model_device
 from bench.errors import UserError
-from bench.placement import float_signals_bytes, of
+from bench.placement import of
 from bench.registry import CompressionInfo, Method, Solution, register
 from methods._slicing import Plan, check_supported, kept_width, predict_params
 
@@ -204,7 +204,7 @@ class SliceGPT(Method):
         """Float32 copies of the block's signals (attention and MLP outputs of every calibration token), beside the
         engine's activations. Sized from an H100 run (Llama-2-13B shape, offloaded): peak 23.8 GB, the fit estimate
         with this term 23.7 GB, without it 13.0 GB."""
-        return float_signals_bytes(adapter, tokens, copies=2)
+        return 2 * tokens * adapter.embeddings().weight.shape[1] * 4
 
     def solve(self, adapter, ratio: float) -> Solution:
         """Kept width d whose counted whole model is closest to ``ratio`` (ties -> less slicing)."""

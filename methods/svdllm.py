@@ -18,9 +18,8 @@ from torch import nn
 from bench import structure
 from bench.budget import count_params
 from bench.calibration import Calibration, block_grams
-from bench.placement import factorisation_bytes
 from bench.registry import CompressionInfo, Method, Solution, register
-from methods._whiten import Unit, solve_ratio, whitened_svd
+from methods._whiten import Unit, solve_ratio, whitened_svd, whitening_workspace
 
 
 def linear_units(adapter) -> list[Unit]:
@@ -45,9 +44,7 @@ class SVDLLM(Method):
     class Knobs:
         pass
 
-    def device_workspace(self, adapter, tokens: int) -> int:
-        """The whitened float64 factorisation of the widest-input linear (Cholesky factor, inverse, product)."""
-        return factorisation_bytes(adapter)
+    device_workspace = whitening_workspace
 
     def solve(self, adapter, ratio: float) -> Solution:
         dense = count_params(adapter.model)
