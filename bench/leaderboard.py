@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench import stats
+from bench import curves, stats
 from bench.compare import DENSE, label, main_acc, mean_acc_se
 from bench.evaluate import docs as docs_io
 from bench.records import Record, latest, load_records
@@ -244,8 +244,9 @@ def write(results_dir: str | Path, out_dir: str | Path) -> tuple[pd.DataFrame, l
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "leaderboard.md", out / "leaderboard.csv"]
-    paths[0].write_text(markdown(df, legend=noise_legend(records)) if not df.empty
-                        else "# slimbench leaderboard\n\nNo records yet.\n")
+    trained = curves.markdown(curves.runs(records, df)) if not df.empty else ""
+    paths[0].write_text(markdown(df, legend=noise_legend(records)) + (f"\n{trained}" if trained else "")
+                        if not df.empty else "# slimbench leaderboard\n\nNo records yet.\n")
     df.to_csv(paths[1], index=False)
     from bench import report  # matplotlib only when files are written
 

@@ -16,8 +16,9 @@ from html import escape
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from bench import plots
+from bench import curves, plots
 from bench.compare import pooled_se
 from bench.leaderboard import COLLAPSE_FACTOR, COLUMNS, DENSE, LABELS, TASK_SHORT, _fmt, frame, noise_legend
 from bench.records import Record
@@ -132,21 +133,59 @@ def write(records: list[Record], out_dir: str | Path, problems: Iterable[str] = 
         groups = [(f"{model} — suite {suite}", g.reset_index(drop=True))
                   for (model, suite), g in cells(df).groupby(["model", "suite"], sort=True)]
     body = "".join(_section(title, rows, i) for i, (title, rows) in enumerate(groups)) or "<p>No records yet.</p>"
+    trained = curves.runs(records, df) if not df.empty else []
+    body += _training(trained)
     problems = list(problems)
     if problems:
         items = "".join(f"<li>{escape(p)}</li>" for p in problems)
         body += f"<details><summary>{len(problems)} files skipped</summary><ul>{items}</ul></details>"
     path = out / "index.html"
     path.write_text(PAGE.format(css=CSS, body=body, js=JS, legend=escape(noise_legend(records))), encoding="utf-8")
-    return [path, *(plots.write_pngs(groups, out) if groups else [])]
+    return [path, *(plots.write_pngs(groups, out) if groups else []), *_training_png(trained, out)]
+
+
+TRAINING_PNG = "training_curve.png"
+
+
+def _training(trained: list[dict]) -> str:
+    """The "What training buys" section: a figure of every curve, then each run's points and verdict."""
+    if not trained:
+        return ""
+    figure = plots.svg(_curve_figure(trained), salt="training")
+    runs = "".join(f"<h3>{escape(c['model'])} — suite {escape(c['suite'])} — {escape(curves.title(c))}</h3>"
+                   f"{_plain_table(curves.table(c))}<p class=\"note\">{escape(curves.verdict(c))}</p>" for c in trained)
+    return (f'<section><h2>What training buys</h2><p class="note">{escape(curves.INTRO)}</p>'
+            f'<div class="plots">{figure}</div>{runs}</section>\n')
+
+
+def _curve_figure(trained: list[dict]):
+    return plots.figure(lambda ax, _: curves.draw(ax, trained), [("held-out KL against training tokens", None)])
+
+
+def _plain_table(df: pd.DataFrame) -> str:
+    head = "".join(f"<th>{escape(str(c))}</th>" for c in df.columns)
+    rows = "".join("<tr>" + "".join(f"<td>{escape(str(v))}</td>" for v in r) + "</tr>" for r in df.itertuples(index=False))
+    return f'<div class="wrap"><table class="curve"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>'
+
+
+def _training_png(trained: list[dict], out: Path) -> list[Path]:
+    """``training_curve.png`` when some record has a curve; a stale one from older records is removed."""
+    path = out / TRAINING_PNG
+    if not trained:
+        path.unlink(missing_ok=True)
+        return []
+    fig = _curve_figure(trained)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=150)
+    return [path]
 
 
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
 .wrap{overflow-x:auto}
-table.board{border-collapse:collapse;font-variant-numeric:tabular-nums;margin:.5em 0 1.5em}
+table.board,table.curve{border-collapse:collapse;font-variant-numeric:tabular-nums;margin:.5em 0 1.5em}
 th,td{border:1px solid #ddd;padding:3px 6px;text-align:right;vertical-align:top;white-space:nowrap}
-th{background:#f2f2f2;cursor:pointer;user-select:none;text-align:center}
+th{background:#f2f2f2;text-align:center} table.board th{cursor:pointer;user-select:none}
 th[aria-sort=ascending]::after{content:" \\25B2"} th[aria-sort=descending]::after{content:" \\25BC"}
 td.text{text-align:left} td.err{color:#a00;white-space:normal;min-width:30ch;max-width:60ch}
 td small{display:block;color:#666;font-size:80%}

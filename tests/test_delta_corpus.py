@@ -115,6 +115,7 @@ def test_curve_starts_untrained_and_rises_in_tokens(tiny_tokenizer):
                           curve_at=["0", "128", "0.256k", "100k"])
     curve = info.details["curve"]
     assert [p["tokens"] for p in curve] == [0, 128, 256, 512]  # the end of training closes the curve
+    assert all(set(p) == {"tokens", "seconds", "kl_heldout", "ppl"} for p in curve)  # what bench.curves reads
     assert info.details["curve_skipped"] == [100_000]
     assert curve[0]["seconds"] == 0.0 and all(a["seconds"] <= b["seconds"] for a, b in zip(curve, curve[1:], strict=False))
     assert curve[0]["kl_heldout"] == pytest.approx(info.details["kl"]["heldout_untrained"])

@@ -1,0 +1,74 @@
+"""The leaderboard's "What training buys" section: every recorded curve, and the figure it has to beat."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from bench import curves, leaderboard
+from bench.records import write_record
+from tests.test_report import PNG_MAGIC, _rec
+
+POINTS = [{"tokens": 0, "seconds": 0.0, "kl_heldout": 4.0, "ppl": 90.0},
+          {"tokens": 1_000, "seconds": 5.0, "kl_heldout": 2.0, "ppl": 40.0},
+          {"tokens": 4_000, "seconds": 21.0, "kl_heldout": 1.25, "ppl": 31.5}]
+
+
+def _trained(seed: int = 0, ppl: float = 12.0, **kw):
+    r = _rec("trainer", 0.2, seed, ppl=ppl, overrides={"train_tokens": 4000}, **kw)
+    r.details = {"curve": POINTS, "curve_dense_ppl": 9.5,
+                 "train": {"tokens_per_second": 190.0, "autocast": "off"},
+                 "train_data": {"train_data": "corpus", "passes": 3}}
+    r.metrics["closeness"] = {"kl_mean": 1.1}
+    r.cost = {"train_tokens": 4000}
+    r.environment = {"hardware": {"device": "cpu"}}
+    return r
+
+
+RECORDS = [_rec("dense", 0.0, ppl=10.0), _rec("alpha", 0.2, ppl=20.0), _rec("beta", 0.2, ppl=15.0),
+           _rec("gamma", 0.2, ppl=5_000.0),  # collapsed: not a figure to beat
+           _rec("trainer", 0.2, ppl=11.0),  # the same method untrained-by-default is not its own rival
+           _rec("alpha", 0.2, 1, ppl=8.0),  # another seed: not compared with seed 0
+           _trained(), _trained(seed=2, ppl=30.0)]
+
+
+def test_each_curve_is_set_against_the_best_other_method_at_its_ratio_and_seed():
+    found = curves.runs(RECORDS, leaderboard.frame(RECORDS))
+    assert [(c["method"], c["seed"]) for c in found] == [("trainer", 0), ("trainer", 2)]
+    first, lone = found
+    assert first["rival"]["method"] == "beta" and first["rival"]["ppl"] == 15.0
+    assert first["points"] == POINTS and first["tokens"] == 4000 and first["passes"] == 3
+    assert "ahead of it" in curves.verdict(first) and "perplexity 12.00, KL 1.10" in curves.verdict(first)
+    assert lone["rival"] is None and "no other method" in curves.verdict(lone)
+    behind = curves.runs([*RECORDS[:3], _trained(ppl=16.0)], leaderboard.frame([*RECORDS[:3], _trained(ppl=16.0)]))
+    assert "behind it" in curves.verdict(behind[0])
+
+
+def test_markdown_lists_every_point_and_is_absent_without_curves():
+    text = re.sub(" +", " ", curves.markdown(curves.runs(RECORDS, leaderboard.frame(RECORDS))))
+    assert text.startswith("## What training buys")
+    assert "| 1,000 | 2.000 | 40.00 | 5 |" in text and "| 4,000 | 1.250 | 31.50 | 21 |" in text
+    assert "trainer at 20 %, seed 0, 4k tokens (cpu, autocast off)" in text
+    assert "Dense model on the same windows: perplexity 9.50" in text
+    assert curves.markdown(curves.runs(RECORDS[:5], leaderboard.frame(RECORDS[:5]))) == ""
+
+
+def test_leaderboard_files_carry_the_section_and_drop_a_stale_figure(tmp_path):
+    for r in RECORDS:
+        write_record(tmp_path / "results", r)
+    _, _, paths = leaderboard.write(tmp_path / "results", tmp_path / "lb")
+    png = tmp_path / "lb" / "training_curve.png"
+    assert png in paths and png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
+    html = (tmp_path / "lb" / "index.html").read_text()
+    assert "<h2>What training buys</h2>" in html and "<td>4,000</td><td>1.250</td>" in html
+    assert "## What training buys" in (tmp_path / "lb" / "leaderboard.md").read_text()
+    for f in (tmp_path / "results").rglob("trainer*"):
+        f.unlink()
+    leaderboard.write(tmp_path / "results", tmp_path / "lb")
+    assert not png.exists() and "What training buys" not in (tmp_path / "lb" / "index.html").read_text()
+
+
+@pytest.mark.parametrize("n, text", [(None, "-"), (999, "999"), (16_384, "16.4k"), (40_000_000, "40M")])
+def test_token_counts_read_as_people_write_them(n, text):
+    assert curves._tokens(n) == text
