@@ -53,6 +53,8 @@ class Calibration:
     tokenizer: Any = None
     #: where the work runs and whether blocks are offloaded (bench.placement.Placement); None: the model's device
     placement: Any = None
+    #: where a long method step reports how far it has got (one short line, every few seconds); None: nowhere
+    report: Callable[[str], None] | None = None
 
     @property
     def n_samples(self) -> int:

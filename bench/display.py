@@ -71,6 +71,13 @@ class RichEvents(Events):
             self.current, self.started = key, time.perf_counter()
         self.progress.update(self.task, description=f"{cell.method} @ {cell.ratio:.2f} seed {cell.seed}: {step}")
 
+    def report(self, cell: Cell, text: str) -> None:
+        """On a terminal the step line shows it; in a log (no terminal) each report is a line of its own."""
+        self.cell(cell, text)
+        if not self.console.is_terminal:
+            self.console.print(f"  {cell.method} @ {cell.ratio:.2f} seed {cell.seed}: {text}", soft_wrap=True,
+                               markup=False, highlight=False)
+
     def done(self, cell: Cell, rec: Record, path: Path, reused: bool) -> None:
         if reused:
             self.counts["reused"] += 1

@@ -78,6 +78,11 @@ class Events:
 
     def start(self, total_cells: int) -> None: ...
     def cell(self, cell: Cell, step: str) -> None: ...
+
+    def report(self, cell: Cell, text: str) -> None:
+        """How far a long step has got (a method's own report, every few seconds): shown as the cell's step."""
+        self.cell(cell, text)
+
     def done(self, cell: Cell, rec: Record, path: Path, reused: bool) -> None: ...
     def info(self, text: str) -> None: ...
     def running(self, steps: dict[str, str], slots: int) -> None: ...
@@ -246,8 +251,12 @@ def _compute(cfg: RunConfig, cell: Cell, rec: Record, state: _State, inst: Metho
                                                              model_key)
             calib = state.calibrations[cell.seed]
             calib.placement = placement
-            _compress(model, inst, calib, solutions[(cell.method, cell.ratio)], rec, cfg,
-                      lambda step, c=cell: events.cell(c, step))
+            calib.report = lambda text, c=cell: events.report(c, f"compressing ({inst.name}): {text}")
+            try:
+                _compress(model, inst, calib, solutions[(cell.method, cell.ratio)], rec, cfg,
+                          lambda step, c=cell: events.cell(c, step))
+            finally:
+                calib.report = None
         cell_adapter = get_adapter(model)
         rec.budget = vars(budget_report(dense_params, dense_linear, cell_adapter, cell.ratio, cfg.tolerance,
                                         rec.solution.get("predicted_params")))

@@ -105,10 +105,24 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
+REPORT_EVERY = 30.0  # seconds between progress reports
+
+
+def progress_line(tokens: int, total: int, seconds: float, loss: float) -> str:
+    """``training 123,456 / 1,000,000 tokens (12 %), 203 tokens/s, ~1:11:58 left, loss 1.234``."""
+    rate = tokens / seconds if seconds > 0 else 0.0
+    left = int((total - tokens) / rate) if rate > 0 else 0
+    eta = f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+    return (f"training {tokens:,} / {total:,} tokens ({100 * tokens / max(total, 1):.0f} %), {rate:,.0f} tokens/s, "
+            f"~{eta} left, loss {loss:.3f}")
+
+
 def train(model: nn.Module, adapter, teacher: nn.Module, windows: torch.Tensor, params: list[nn.Parameter],
-          changed: list[int], cfg: TrainConfig, measure: Callable[[], dict] | None = None) -> dict:
+          changed: list[int], cfg: TrainConfig, measure: Callable[[], dict] | None = None,
+          report: Callable[[str], None] | None = None) -> dict:
     """Distil ``params`` of ``model`` from ``teacher`` on ``windows`` (cycled) with PMR over the ``changed`` blocks.
 
+    ``report`` receives a progress line (:func:`progress_line`) every ``REPORT_EVERY`` seconds.
     Returns the log: steps, tokens trained on, seconds, tokens/s, and the loss and p(t) of every step; with
     ``measure``, ``points``: ``measure()``'s dict plus tokens and training seconds at each of ``cfg.curve_at``.
     """
@@ -128,7 +142,8 @@ def train(model: nn.Module, adapter, teacher: nn.Module, windows: torch.Tensor, 
     micro = cfg.micro_batch if 0 < cfg.micro_batch < cfg.batch_size else cfg.batch_size
     amp = autocast_context(device, cfg.autocast)
     paused = 0.0  # seconds spent measuring the curve, not training
-    start = time.perf_counter()
+    start = last_report = time.perf_counter()
+    total = steps * per_step
     try:
         with torch.enable_grad():
             for step in range(steps):
@@ -162,6 +177,9 @@ def train(model: nn.Module, adapter, teacher: nn.Module, windows: torch.Tensor, 
                     point = {"tokens": tokens, "seconds": t0 - start - paused, **measure()}
                     points.append(point)
                     paused += time.perf_counter() - t0
+                if report is not None and time.perf_counter() - last_report >= REPORT_EVERY:
+                    last_report = time.perf_counter()
+                    report(progress_line(tokens, total, last_report - start - paused, loss))
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)

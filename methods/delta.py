@@ -295,7 +295,7 @@ class DeltaLLM(Method):
                                        temperature=k.temperature, pmr_start=k.pmr_start, pmr_warmup=k.pmr_warmup,
                                        seed=calibration.seed, micro_batch=k.micro_batch, autocast=amp,
                                        curve_at=tuple(curve_at))
-            log = training.train(model, adapter, teacher, rows, params, changed, cfg, measure)
+            log = training.train(model, adapter, teacher, rows, params, changed, cfg, measure, calibration.report)
             tokens = log["tokens"]
             if measure is not None:
                 points += log.pop("points")

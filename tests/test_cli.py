@@ -34,9 +34,19 @@ class Explodes(DropLast):
         raise RuntimeError("boom")
 
 
+class Reports(DropLast):
+    """Reports how far it has got, as a long step (DeltaLLM's training) does."""
+
+    name = "test-reports"
+
+    def compress(self, model, adapter, calibration, solution):
+        calibration.report("half way")
+        return super().compress(model, adapter, calibration, solution)
+
+
 @pytest.fixture
 def plugins():
-    with registered(DropLast, Explodes):
+    with registered(DropLast, Explodes, Reports):
         yield
 
 
@@ -100,6 +110,12 @@ def test_failing_method_is_recorded_and_others_go_on(tmp_path, tiny_model_dir, p
     assert ok.budget["params_compressed"] == ok.solution["predicted_params"]
     board = (tmp_path / "lb" / "leaderboard.md").read_text()
     assert "failed: RuntimeError: boom" in board and "test-droplast" in board
+
+
+def test_a_methods_progress_reports_reach_the_log(tmp_path, tiny_model_dir, plugins, capsys):
+    """Without a terminal (a log file, a batch job) each report of a long step is a line of its own."""
+    assert _run(tmp_path, tiny_model_dir, "--methods", "test-reports", "--ratio", "0.2") == 0
+    assert "test-reports @ 0.20 seed 0: compressing (test-reports): half way" in capsys.readouterr().out
 
 
 def test_rerun_reuses_complete_records_and_survives_a_corrupt_file(tmp_path, tiny_model_dir, plugins, capsys):

@@ -131,6 +131,28 @@ def test_training_lowers_the_distillation_loss_and_touches_only_deltas(family):
             assert torch.equal(p, before[name.replace(".up.bias", ".bias")]), name
 
 
+def test_training_reports_its_progress_to_the_harness(monkeypatch):
+    from methods import _delta_train
+
+    monkeypatch.setattr(_delta_train, "REPORT_EVERY", 0.0)  # a report after every step
+    model = make_tiny("llama", num_hidden_layers=4)
+    adapter = get_adapter(model)
+    method = DeltaLLM(train_tokens=128, eval_windows=1)
+    calib = tiny_calibration()
+    lines: list[str] = []
+    calib.report = lines.append
+    method.compress(model, adapter, calib, method.solve(adapter, 0.1))
+    assert [line.split(" / ")[0] for line in lines] == ["training 32", "training 64", "training 96", "training 128"]
+    assert all(" / 128 tokens (" in line and "left, loss " in line for line in lines)
+
+
+def test_progress_line_reads_as_an_eta():
+    from methods._delta_train import progress_line
+
+    assert progress_line(200_000, 1_000_000, 1_000.0, 1.2345) == \
+        "training 200,000 / 1,000,000 tokens (20 %), 200 tokens/s, ~1:06:40 left, loss 1.234"
+
+
 def test_untrained_variant_is_the_truncated_svd(family):
     model = make_tiny(family, num_hidden_layers=6)
     dense_adapter = get_adapter(copy.deepcopy(model))
