@@ -39,6 +39,8 @@ class CompressionInfo:
     """What compressing cost and decided, beyond the structure itself."""
 
     train_tokens: int = 0
+    #: seconds of compress spent training (what ``train_tokens`` cost; 0 for a method that does not train)
+    train_seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
 
 

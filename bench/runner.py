@@ -369,6 +369,7 @@ def _compress(model, inst: Method, calib: Calibration, solution: Solution, rec: 
                 "compress_peak_memory_source": mem.source, "compress_peak_device_bytes": mem.device_peak_bytes,
                 "compress_peak_device_source": mem.device_source, "compress_peak_host_bytes": mem.host_peak_bytes,
                 "compress_peak_host_source": mem.host_source, "train_tokens": info.train_tokens,
+                "train_seconds": info.train_seconds,
                 "calibration_tokens": calib.n_tokens,
                 "statistics": list(calib.memo.get("log", []))}  # computed, or reused from memory or disk
     rec.calibration = calib.describe()

@@ -282,7 +282,7 @@ class DeltaLLM(Method):
 
             details["curve_dense_ppl"] = dense_ppl
             points = [{"tokens": 0, "seconds": 0.0, **measure()}]  # before any training
-        tokens = 0
+        tokens, seconds = 0, 0.0
         if k.train_tokens > 0:
             params = [p for d in deltas for p in (d.down.weight, d.up.weight)]
             if k.train_base:
@@ -296,7 +296,7 @@ class DeltaLLM(Method):
                                        seed=calibration.seed, micro_batch=k.micro_batch, autocast=amp,
                                        curve_at=tuple(curve_at))
             log = training.train(model, adapter, teacher, rows, params, changed, cfg, measure, calibration.report)
-            tokens = log["tokens"]
+            tokens, seconds = log["tokens"], log["seconds"]
             if measure is not None:
                 points += log.pop("points")
             details["train"] = log
@@ -311,7 +311,7 @@ class DeltaLLM(Method):
             details["curve_skipped"] = [t for t in curve_at if t > tokens]
         details["kl"] = kl
         details["kl_windows"] = {"heldout": n_eval, "train_probe": int(probe.shape[0])}
-        return CompressionInfo(train_tokens=tokens, details=details)
+        return CompressionInfo(train_tokens=tokens, train_seconds=seconds, details=details)
 
     @staticmethod
     def _corpus_rows(calibration: Calibration, k) -> tuple[torch.Tensor, dict]:

@@ -135,3 +135,20 @@ def test_projection_fits_the_exponent_and_says_when_it_is_no_forecast():
     assert all(line.startswith("PROJECTED, not measured") for line in lines) and "NOT A FORECAST" not in lines[1]
     (tiny,) = scaling.project([_cell(scaling.SHAPES["tiny"], 0.5, setup)], setup)
     assert tiny["exponent"] == 1.5 and "NOT A FORECAST" in scaling.projection_lines([tiny])[1]
+
+
+def test_a_trained_cell_records_its_tokens_per_second_and_is_not_projected(tmp_path, capsys):
+    """DeltaLLM with training (its 7B memory and throughput on a GPU are measured this way): the cell holds the
+    tokens and the seconds they took, the table shows tokens/s, and the 70B time is not projected from it."""
+    path = tmp_path / "trained.json"
+    rc = main(["scaling", "--shape", "tiny", "--methods", "delta,shortgpt", "--device", "cpu", "--calib-samples", "4",
+               "--calib-seq-len", "32", "--blocks", "6", "--set", "delta.train_tokens=64", "--set",
+               "delta.eval_windows=1", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    cells = {c["method"]: c for c in json.loads(path.read_text())["cells"]}
+    assert cells["delta"]["train_tokens"] == 64 and 0 < cells["delta"]["train_seconds"] < cells["delta"]["seconds"]
+    assert cells["shortgpt"]["train_tokens"] == 0 and cells["shortgpt"]["train_seconds"] == 0.0
+    assert "trained 64 tokens at" in out and "train tokens/s" in out
+    projected = {p["method"] for p in json.loads(path.read_text())["projections"]}
+    assert projected == {"shortgpt"}
