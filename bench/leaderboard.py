@@ -12,6 +12,7 @@ import pandas as pd
 from bench import curves, stats
 from bench.compare import DENSE, label, main_acc, mean_acc_se
 from bench.evaluate import docs as docs_io
+from bench.evaluate.efficiency import LOAD_LIMIT, SPREAD_LIMIT, latency_doubt
 from bench.records import Record, latest, load_records
 
 TASK_SHORT = {"arc_easy": "ARC-e", "arc_challenge": "ARC-c", "piqa": "PIQA", "hellaswag": "HellaS",
@@ -41,6 +42,7 @@ def frame(records: list[Record], docs: list[dict | None] | None = None) -> pd.Da
         mean_acc = m.get("mean_acc")
         ref_acc = ref.metrics.get("mean_acc") if ref else None
         close = m.get("closeness") or {}
+        doubt = latency_doubt(m.get("latency_detail"))
         row = {
             "model": r.model["name"], "suite": r.suite["name"], "method": label(r), "seed": r.seed,
             "target": r.target_ratio, "achieved": b.get("achieved_ratio"), "linear_ratio": b.get("linear_ratio"),
@@ -62,7 +64,10 @@ def frame(records: list[Record], docs: list[dict | None] | None = None) -> pd.Da
             "device_name": r.environment.get("hardware", {}).get("device_name"), "dtype": r.model.get("dtype"),
             # blocks kept in host memory: latency and evaluation memory include moving them (CSV only)
             "offloaded": bool((r.details.get("placement") or {}).get("offload")),
-            "prefill_ms": m.get("prefill_ms"), "decode_tok_s": m.get("decode_tokens_per_s"),
+            "prefill_ms": None if doubt else m.get("prefill_ms"),
+            "decode_tok_s": None if doubt else m.get("decode_tokens_per_s"),
+            "latency_note": f"not compared: {doubt} (measured {m.get('prefill_ms'):.0f} ms prefill, "
+                            f"{m.get('decode_tokens_per_s'):.2f} tokens/s)" if doubt else None,
             "compress_s": r.cost.get("compress_seconds"), "train_tokens": r.cost.get("train_tokens"),
             "status": _status(r, ref),
             "_knobs": json.dumps(r.knob_overrides, sort_keys=True, default=str), "_row": i,
@@ -172,7 +177,9 @@ def noise_legend(records: list[Record]) -> str:
             f"of the next-token distribution from the dense model's on the perplexity windows (p99: its 99th "
             f"percentile over positions), top-1 agr = share of positions where both predict the same token, flip = "
             f"share of zero-shot documents whose correctness differs from the dense model's. Perplexity has no "
-            f"error bar: records keep only its total NLL and token count.{docs_line}")
+            f"error bar: records keep only its total NLL and token count. prefill_ms and decode_tok_s read \"-\" where "
+            f"the measurement is in doubt (its repeats more than {SPREAD_LIMIT:g}x apart, or a CPU host's load average "
+            f"above {LOAD_LIMIT:g}x its cores): the CSV's latency_note says why and what was measured.{docs_line}")
 
 
 def _budget_flag(r: Record) -> str:
@@ -208,6 +215,11 @@ COLUMNS = ["method", "seed", "target", "achieved", "budget", "linear_ratio", "pp
            "mean_acc", "mean_acc_se", "seed_sd", "near_best", "vs_best", "retained",
            *TASK_SHORT.values(), "params_M", "weights_MB", "ckpt_MB", "peak_mem_MB", "prefill_ms", "decode_tok_s",
            "compress_s", "train_tokens", "status"]
+
+
+#: columns of the frame and the CSV that the Markdown and HTML tables leave out (and that are not tasks)
+CSV_ONLY = ["model", "suite", "compress_peak_device_MB", "compress_peak_host_MB", "eval_peak_device_MB",
+            "eval_peak_host_MB", "device_name", "dtype", "offloaded", "latency_note"]
 
 
 def display_table(df: pd.DataFrame) -> pd.DataFrame:

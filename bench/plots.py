@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatter
 
-from bench.leaderboard import COLUMNS, DENSE, TASK_SHORT
+from bench.leaderboard import COLUMNS, CSV_ONLY, DENSE, TASK_SHORT
 
 Draw = Callable[[Axes, pd.DataFrame], None]
 
@@ -128,8 +128,8 @@ def draw_tasks(ax: Axes, cells: pd.DataFrame) -> None:
 
 
 def task_columns(cells: pd.DataFrame) -> list[str]:
-    """The per-task accuracy columns: every seed-averaged column that is not a fixed leaderboard column."""
-    fixed = set(COLUMNS) - set(TASK_SHORT.values())
+    """The per-task accuracy columns: every seed-averaged column that is not a fixed leaderboard or CSV column."""
+    fixed = (set(COLUMNS) | set(CSV_ONLY)) - set(TASK_SHORT.values())
     return [c.removesuffix("_min") for c in cells.columns if c.endswith("_min") and c.removesuffix("_min") not in fixed]
 
 

@@ -65,6 +65,8 @@ class Record:
     @classmethod
     def from_dict(cls, data: Any) -> Record:
         """Check the shape of a parsed record; anything malformed raises ValueError naming the field."""
+        if isinstance(data, dict) and str(data.get("schema", "")).startswith("slimbench.") and data["schema"] != SCHEMA:
+            raise OtherDocument(f"a {data['schema']} document, not a result record")
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             raise ValueError("not a slimbench result record")
         if data.get("schema_version") not in READABLE_VERSIONS:
@@ -165,12 +167,19 @@ def write_record(results_dir: str | os.PathLike, rec: Record) -> Path:
     return path
 
 
+class OtherDocument(ValueError):
+    """A file slimbench wrote with another schema (``bench scaling --json`` figures): not a record, not a problem."""
+
+
 def load_records(results_dir: str | os.PathLike) -> tuple[list[Record], list[str]]:
-    """All records under ``results_dir``, and a line for each file that is not a readable record."""
+    """All records under ``results_dir``, and a line for each file that is not a readable record (slimbench's
+    own documents of other schemas, such as the scaling figures under ``results/scaling/``, are passed over)."""
     records, problems = [], []
     for path in sorted(Path(results_dir).rglob("*.json")):
         try:
             records.append(read_record(path))
+        except OtherDocument:
+            continue
         except (ValueError, OSError) as err:
             problems.append(f"{path}: skipped ({err})")
     return records, problems

@@ -190,6 +190,20 @@ def test_latency_reports_positive_medians() -> None:
     assert len(result["prefill_s"]) == len(result["decode_s"]) == 2
     with pytest.raises(UserError):
         efficiency.latency(tiny_llama(), VOCAB, new_tokens=0)
+    assert result["load_average"] >= 0 and result["cpu_count"] >= 1  # the host's load, to judge the figure by
+
+
+@pytest.mark.parametrize("detail, doubt", [
+    (None, None),
+    ({"prefill_s": [0.10, 0.14], "decode_s": [1.0, 1.01], "load_average": 2.9, "cpu_count": 2}, None),
+    ({"prefill_s": [5.93, 3.80, 10.43], "decode_s": [73.7, 67.7, 53.8]}, "prefill repeats 2.7x apart"),
+    ({"prefill_s": [0.1, 0.1], "decode_s": [1.0, 1.6]}, "decode repeats 1.6x apart"),
+    ({"prefill_s": [0.1, 0.1], "decode_s": [1.0, 1.0], "load_average": 3.1, "cpu_count": 2},
+     "load average 3.1 on 2 cores"),
+])
+def test_a_latency_measured_beside_other_work_is_in_doubt(detail, doubt) -> None:
+    """The third case is the committed dense record of 2026-11-25: 0.47 tokens/s where its seed-1 twin has 26.5."""
+    assert efficiency.latency_doubt(detail) == doubt
 
 
 def test_task_templates_render_to_existing_data() -> None:

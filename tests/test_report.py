@@ -378,3 +378,57 @@ def test_markdown_and_csv_name_a_knob_variant_as_a_row_of_its_own() -> None:
     assert sorted(df[(df["model"] == "tiny") & (df["target"] == 0.2)]["method"].unique()) == \
         ["alpha", "alpha (rank=4)", "beta", "gamma"]
     assert "alpha (rank=4)" in markdown(df) and "(rank=4) (rank=4)" not in markdown(df)
+
+
+def test_only_tasks_are_task_columns_whatever_else_a_record_holds(tmp_path):
+    """Memory peaks, the device, the dtype and the offload flag are CSV columns, never tasks: once they were taken
+    for tasks, coloured by the share of the dense model's "accuracy" and drawn as bars of the per-task chart."""
+    from bench import plots
+    from bench.leaderboard import COLUMNS, CSV_ONLY, frame
+    from bench.report import _columns, cells
+
+    full = [_rec("dense", 0.0, ppl=10.0), _rec("alpha", 0.2, ppl=20.0)]
+    for r in full:
+        r.cost = {"compress_peak_device_bytes": 3 * 2**20, "compress_peak_host_bytes": 5 * 2**20}
+        r.metrics |= {"eval_peak_device_bytes": 2**20, "eval_peak_host_bytes": 2**21}
+        r.details = {"placement": {"offload": True}}
+        r.environment = {"hardware": {"device_name": "cpu"}}
+        r.model["dtype"] = "float32"
+    df = frame(full)
+    assert set(df.columns) - set(COLUMNS) - set(CSV_ONLY) == set()  # every column is placed
+    assert plots.task_columns(cells(df)) == ["ARC-e", "PIQA"]
+    assert not set(_columns(cells(df))) & {"compress_peak_device_MB", "eval_peak_host_MB", "offloaded", "dtype"}
+    for r in full:
+        write_record(tmp_path / "results", r)
+    leaderboard.write(tmp_path / "results", tmp_path / "lb")
+    keys = _table((tmp_path / "lb" / "index.html").read_text(), model_has="alpha")["keys"]
+    assert "offloaded" not in keys and "compress_peak_device_MB" not in keys and "PIQA" in keys
+
+
+def test_a_doubtful_latency_is_not_compared_and_the_csv_says_why():
+    import pandas as pd
+
+    from bench.leaderboard import frame
+
+    ok, noisy = _rec("alpha", 0.2, ppl=20.0), _rec("beta", 0.2, ppl=15.0, tok_s=0.47)
+    ok.metrics["latency_detail"] = {"prefill_s": [0.10, 0.11], "decode_s": [1.0, 1.02]}
+    noisy.metrics["latency_detail"] = {"prefill_s": [5.93, 3.80, 10.43], "decode_s": [73.7, 67.7, 53.8]}
+    df = frame([_rec("dense", 0.0, ppl=10.0), ok, noisy]).set_index("method")
+    assert df.loc["alpha", "decode_tok_s"] == 30.0 and pd.isna(df.loc["alpha", "latency_note"])
+    assert df.loc["beta", ["prefill_ms", "decode_tok_s"]].isna().all()
+    assert df.loc["beta", "latency_note"] == ("not compared: prefill repeats 2.7x apart (measured 100 ms prefill, "
+                                              "0.47 tokens/s)")
+
+
+def test_scaling_figures_beside_the_records_are_passed_over_quietly(tmp_path):
+    """results/scaling/ holds `bench scaling --json` files: slimbench's own, another schema, not a problem to report;
+    a foreign JSON file still is."""
+    from bench.records import load_records
+    from bench.scaling import SCHEMA, SCHEMA_VERSION
+
+    write_record(tmp_path, _rec("dense", 0.0, ppl=10.0))
+    (tmp_path / "scaling").mkdir()
+    (tmp_path / "scaling" / "7b.json").write_text(json.dumps({"schema": SCHEMA, "schema_version": SCHEMA_VERSION}))
+    (tmp_path / "foreign.json").write_text(json.dumps({"schema": "someone.else"}))
+    records, problems = load_records(tmp_path)
+    assert len(records) == 1 and len(problems) == 1 and "foreign.json" in problems[0]

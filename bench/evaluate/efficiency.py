@@ -182,6 +182,7 @@ def latency(
                 decode_s.append(t3 - t2)
     model.train(was_training)
     return {
+        **_host_load(device),
         "prefill_ms": statistics.median(prefill_s) * 1e3,
         "decode_tokens_per_s": new_tokens / statistics.median(decode_s),
         "prefill_s": prefill_s,
@@ -192,6 +193,36 @@ def latency(
         "warmup": warmup,
         "device": str(device),
     }
+
+
+def _host_load(device: torch.device) -> dict:
+    """The host's 1-minute load average and usable cores when a CPU measurement ends (other work slows it)."""
+    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+        return {}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"load_average": os.getloadavg()[0], "cpu_count": cores}
+
+
+#: slowest over fastest repeat beyond which a latency figure is not compared (stored runs agree within 1.45x)
+SPREAD_LIMIT = 1.5
+#: a CPU measurement whose host load average exceeded this many times its cores ran beside other work
+LOAD_LIMIT = 1.5
+
+
+def latency_doubt(detail: dict | None) -> str | None:
+    """Why a latency measurement should not be compared with others, or None: its repeats disagree, or (on CPU)
+    the host ran other work beside it. Only the record's figures are read, so old records are judged too."""
+    if not detail:
+        return None
+    reasons = []
+    for name in ("prefill", "decode"):
+        xs = [x for x in detail.get(f"{name}_s") or [] if x > 0]
+        if len(xs) > 1 and max(xs) / min(xs) > SPREAD_LIMIT:
+            reasons.append(f"{name} repeats {max(xs) / min(xs):.1f}x apart")
+    load, cores = detail.get("load_average"), detail.get("cpu_count")
+    if load is not None and cores and load > LOAD_LIMIT * cores:
+        reasons.append(f"load average {load:.1f} on {cores} cores")
+    return "; ".join(reasons) or None
 
 
 def weight_stats(model: torch.nn.Module) -> dict:
