@@ -18,6 +18,7 @@ from pathlib import Path
 from bench import stats
 from bench.errors import UserError
 from bench.evaluate import docs as docs_io
+from bench.evaluate.efficiency import latency_doubt
 from bench.records import Record, latest, load_records, read_record
 
 Z = 1.96  # two-sided 95 %
@@ -115,6 +116,9 @@ def _metrics(a: list[Record], b: list[Record]) -> list[Metric]:
     def m(key: str) -> Callable[[Record], float | None]:
         return lambda r: _number(r.metrics.get(key))
 
+    def timed(key: str) -> Callable[[Record], float | None]:  # a latency in doubt is not compared (the leaderboard's rule)
+        return lambda r: None if latency_doubt(r.metrics.get("latency_detail")) else _number(r.metrics.get(key))
+
     return [*map(task, tasks),
             Metric("mean_acc", m("mean_acc"), stats.paired_mean),
             Metric("perplexity", m("perplexity"), higher_is_better=False, digits=2),
@@ -124,8 +128,8 @@ def _metrics(a: list[Record], b: list[Record]) -> list[Metric]:
                    digits=4),
             Metric("achieved ratio (%)", lambda r: _number(r.budget.get("achieved_ratio")), digits=1, scale=100),
             Metric("params (M)", m("params"), higher_is_better=False, digits=2, scale=1e-6),
-            Metric("prefill (ms)", m("prefill_ms"), higher_is_better=False, digits=1),
-            Metric("decode (tokens/s)", m("decode_tokens_per_s"), digits=1)]
+            Metric("prefill (ms)", timed("prefill_ms"), higher_is_better=False, digits=1),
+            Metric("decode (tokens/s)", timed("decode_tokens_per_s"), digits=1)]
 
 
 def _paired(metric: Metric, docs_a: list[dict | None], docs_b: list[dict | None]) -> stats.Paired | None:

@@ -211,3 +211,16 @@ def test_a_collapsed_cell_is_marked_and_not_ranked():
     by = df.set_index("method")
     assert by.loc["a", "status"] == "ok" and by.loc["a", "near_best"] == "best"
     assert by.loc["b", "status"] == "collapsed: ppl 125x dense" and by.loc["b", "near_best"] is None
+
+
+def test_compare_leaves_out_a_latency_in_doubt(tmp_path):
+    """The leaderboard's rule, in `bench compare` too: a side whose latency repeats disagree gives no figure."""
+    good, noisy = _rec("good", 0.2), _rec("noisy", 0.2)
+    good.metrics["latency_detail"] = {"prefill_s": [0.10, 0.11], "decode_s": [1.0, 1.01]}
+    noisy.metrics["latency_detail"] = {"prefill_s": [5.93, 3.80, 10.43], "decode_s": [73.7, 67.7, 53.8]}
+    for r in (_rec("dense", 0.0, ppl=10.0), good, noisy):
+        _write(tmp_path, r)
+    (c,) = compare.compare("good", "noisy", str(tmp_path))
+    rows = _by_metric(c)
+    assert rows["prefill (ms)"].a == 100.0 and rows["prefill (ms)"].b is None and rows["prefill (ms)"].diff is None
+    assert rows["perplexity"].b == 20.0  # the rest of the record is compared as before
