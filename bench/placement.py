@@ -49,7 +49,7 @@ class Placement:
         if nbytes > 0 and self.budget_bytes is not None and self.resident > self.budget_bytes:
             over = self.resident
             self.resident -= nbytes
-            raise UserError(f"the device budget of {_gb(self.budget_bytes)} is exceeded ({_gb(over)} needed at once); "
+            raise UserError(f"the device budget of {gib(self.budget_bytes)} is exceeded ({gib(over)} needed at once); "
                             "use a device with more memory, fewer calibration samples (--calib-samples), or "
                             "--offload on")
 
@@ -92,7 +92,8 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def _gb(n: int) -> str:
+def gib(n: int) -> str:
+    """A byte count as people read it: GiB from 1 GiB up, else MiB."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
@@ -156,11 +157,11 @@ def fits_or_refuse(model: nn.Module, adapter, device: str, offload: str, device_
         need = alone if off else whole
         if need > budget:
             if off:
-                raise UserError(f"{_gb(need)} must be on {dev} at once (one pair of blocks {_gb(2 * block)}, their "
-                                f"statistics {_gb(stats)}, calibration activations {_gb(acts)}, the methods' "
-                                f"own workspace {_gb(workspace)}, embeddings and head {_gb(rest)}) but the budget is "
-                                f"{_gb(budget)}; use a larger device or fewer calibration tokens (--calib-samples, "
+                raise UserError(f"{gib(need)} must be on {dev} at once (one pair of blocks {gib(2 * block)}, their "
+                                f"statistics {gib(stats)}, calibration activations {gib(acts)}, the methods' "
+                                f"own workspace {gib(workspace)}, embeddings and head {gib(rest)}) but the budget is "
+                                f"{gib(budget)}; use a larger device or fewer calibration tokens (--calib-samples, "
                                 "--calib-seq-len)")
-            raise UserError(f"the model and its working set need {_gb(need)} on {dev}, above the budget of "
-                            f"{_gb(budget)}; use --offload auto (or on) to keep the blocks in host memory")
+            raise UserError(f"the model and its working set need {gib(need)} on {dev}, above the budget of "
+                            f"{gib(budget)}; use --offload auto (or on) to keep the blocks in host memory")
     return Placement(device=dev, offload=off, budget_bytes=budget, engine=engine)

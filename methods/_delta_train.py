@@ -53,6 +53,18 @@ class TrainConfig:
     curve_at: tuple[int, ...] = ()
 
 
+def training_bytes(adapter, rows: int, seq_len: int, elem: int) -> int:
+    """About what one forward and backward of the distillation holds beyond the two models (bytes), for ``rows`` x
+    ``seq_len`` tokens a forward: per block the activations kept for the backward (about 12 hidden-wide and 4
+    intermediate-wide tensors a token, in the model's dtype), and the logits of both models with their float32
+    log-softmaxes and gradient (5 float32 vocabulary-wide tensors a token)."""
+    hidden = adapter.embeddings().weight.shape[1]
+    vocab = adapter.lm_head().weight.shape[0]
+    widest = max(max(adapter.linear(0, k).in_features, adapter.linear(0, k).out_features) for k in adapter.kinds())
+    tokens = rows * seq_len
+    return tokens * ((12 * hidden + 4 * widest) * elem * adapter.num_blocks + 5 * vocab * 4)
+
+
 def replace_probability(step: int, steps: int, start: float, warmup: float) -> float:
     """p(t): linear from ``start`` at step 0 to 1 at step ``warmup * steps``, then 1."""
     ramp = warmup * steps

@@ -42,7 +42,7 @@ from bench.calibration import Calibration, block_grams
 from bench.corpus import DEFAULT_SOURCE, packed_rows
 from bench.errors import UserError
 from bench.evaluate.perplexity import perplexity
-from bench.placement import of
+from bench.placement import gib, module_bytes, of
 from bench.registry import CompressionInfo, Method, Solution, register
 from methods import _delta_train as training
 from methods._whiten import whitening_workspace
@@ -241,6 +241,8 @@ class DeltaLLM(Method):
             raise UserError("delta: distillation needs the student and a dense teacher copy on the device at once "
                             "(twice the model's bytes), which offloading cannot give; run on a device that holds "
                             "both, or set delta.train_tokens=0 delta.eval_windows=0 for the SVD initialisation alone")
+        if needs_teacher:
+            self._check_room(model, adapter, calibration)
         teacher = copy.deepcopy(model).eval() if needs_teacher else None
         if teacher is not None:
             teacher.requires_grad_(False)
@@ -312,6 +314,25 @@ class DeltaLLM(Method):
         details["kl"] = kl
         details["kl_windows"] = {"heldout": n_eval, "train_probe": int(probe.shape[0])}
         return CompressionInfo(train_tokens=tokens, train_seconds=seconds, details=details)
+
+    def _check_room(self, model: nn.Module, adapter, calibration: Calibration) -> None:
+        """Refuse, before the teacher is copied, a distillation the device budget cannot hold beside the model."""
+        placement, k = of(calibration, model), self.knobs
+        if placement.budget_bytes is None:
+            return
+        teacher = module_bytes(model)
+        rows = k.micro_batch if 0 < k.micro_batch < k.batch_size else k.batch_size
+        seq = (k.train_seq_len or calibration.seq_len) if k.train_data == "corpus" else calibration.seq_len
+        elem = next(model.parameters()).element_size()
+        train = training.training_bytes(adapter, rows, seq, elem) if k.train_tokens > 0 else 0
+        left = placement.budget_bytes - teacher - placement.resident  # the student is the resident model itself
+        if teacher + train > left:
+            raise UserError(
+                f"delta: distillation needs {gib(teacher + train)} on {placement.device} beside the model (a dense "
+                f"teacher copy {gib(teacher)}, activations and logits of {rows} x {seq} tokens a forward about "
+                f"{gib(train)}), but {gib(max(left, 0))} of the {gib(placement.budget_bytes)} budget is left; use a "
+                "larger device, a smaller delta.micro_batch or delta.train_seq_len, or delta.train_tokens=0 "
+                "delta.eval_windows=0 for the SVD initialisation alone")
 
     @staticmethod
     def _corpus_rows(calibration: Calibration, k) -> tuple[torch.Tensor, dict]:

@@ -153,6 +153,30 @@ def test_progress_line_reads_as_an_eta():
         "training 200,000 / 1,000,000 tokens (20 %), 200 tokens/s, ~1:06:40 left, loss 1.234"
 
 
+def test_a_distillation_the_device_cannot_hold_is_refused_before_the_teacher_is_copied():
+    """Issue 8: the teacher copy and the training's activations and logits must fit beside the resident model."""
+    from bench.placement import Placement, module_bytes
+    from methods._delta_train import training_bytes
+
+    model = make_tiny("llama", num_hidden_layers=4)
+    adapter = get_adapter(model)
+    weights, per_forward = module_bytes(model), training_bytes(adapter, 2, 32, 4)
+    assert training_bytes(adapter, 4, 32, 4) == 2 * per_forward == training_bytes(adapter, 2, 64, 4)  # per token
+    method = DeltaLLM(train_tokens=64, eval_windows=1, batch_size=4, micro_batch=2)
+    sol = method.solve(adapter, 0.1)
+    calib = tiny_calibration()
+    calib.placement = Placement(budget_bytes=2 * weights + per_forward - 1)  # one byte short
+    with pytest.raises(UserError, match=r"a dense teacher copy .* of 2 x 32 tokens a forward .* budget is left"):
+        method.compress(model, adapter, calib, sol)
+    assert all(not isinstance(m, DeltaLinear) for m in model.modules())  # refused before any change
+    calib.placement = Placement(budget_bytes=2 * weights + per_forward)
+    assert method.compress(model, adapter, calib, sol).train_tokens == 128  # one whole step: 4 windows of 32
+    untrained = DeltaLLM(train_tokens=0, eval_windows=1)  # the held-out KL alone needs the teacher, not training
+    fresh = make_tiny("llama", num_hidden_layers=4)
+    calib.placement = Placement(budget_bytes=2 * module_bytes(fresh))
+    untrained.compress(fresh, get_adapter(fresh), calib, untrained.solve(get_adapter(fresh), 0.1))
+
+
 def test_untrained_variant_is_the_truncated_svd(family):
     model = make_tiny(family, num_hidden_layers=6)
     dense_adapter = get_adapter(copy.deepcopy(model))
