@@ -42,10 +42,11 @@
 #            at the end only: give it a STEP_TIMEOUT it can finish in (a guess: 40M tokens take 4-8 min on an H100;
 #            DELTA_TOKENS=10000000 DELTA_CURVE=0,16k,1M,10M first if unsure). Needs both halves, like real. The
 #            same command on a 24 GB CPU machine is killed for memory (batch 8 x 2048 x a 49k vocabulary).
-# A 15-minute session: call 1 carries .gpu-assets/a and runs `STEP_TIMEOUT=200 FLAT_BLOCKS=4 .gpu/prove.sh flat
-# delta7b` (the 4-block peak against the 12.54 GB measured at 2 blocks shows the leak fix); call 2, at once, carries
-# .gpu-assets/b and runs `STEP_TIMEOUT=240 DELTA_TOKENS=10000000 DELTA_CURVE=0,16k,1M,10M .gpu/prove.sh real delta`
-# (40M tokens need a call of their own).
+# A 15-minute session (about 90 s of it to start the machine): call 1 carries .gpu-assets/a and runs
+# `STEP_TIMEOUT=200 .gpu/prove.sh delta7b`; call 2, at once, carries .gpu-assets/b and runs `STEP_TIMEOUT=240
+# DELTA_TOKENS=10000000 DELTA_CURVE=0,16k,1M,10M .gpu/prove.sh real delta` (40M tokens need a call of their own).
+# With time left: `FLAT_BLOCKS=4 .gpu/prove.sh flat` (the 4-block peak against the 12.54 GB measured at 2 blocks
+# shows the leak fix).
 # Then, anywhere (no GPU needed), with the JSON files brought back:
 #   bench scaling --from-json 7b.json --from-json 13b.json     # the table and the llama2-70b PROJECTION
 # The steps share the default calibration (128 random windows x 2048 tokens, bf16), so their per-block seconds compare.
