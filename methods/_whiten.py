@@ -59,7 +59,6 @@ class Factors:
         return float(self.sigma[self.up.shape[1] :].square().sum().sqrt())
 
 
-@torch.no_grad()
 def whitening_workspace(_method, adapter, tokens: int) -> int:
     """``Method.device_workspace`` of every method that factorises with :func:`whitened_svd`: for the widest-input
     linear, its Gram's Cholesky factor, that factor's inverse and the whitened weight, each at most in^2 float64
@@ -68,6 +67,7 @@ def whitening_workspace(_method, adapter, tokens: int) -> int:
     return 3 * widest**2 * 8
 
 
+@torch.no_grad()
 def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, rank: int, split: str = "sqrt") -> Factors:
     """Rank-``rank`` factors of ``weight`` (out x in) that minimise the output error on inputs with Gram ``gram``.
 
