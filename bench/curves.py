@@ -109,8 +109,8 @@ def markdown(curves: list[dict]) -> str:
     parts = ["## What training buys", "", INTRO, ""]
     for c in curves:
         dense = f" Dense model on the same windows: perplexity {_n(c['dense_ppl'])}." if c["dense_ppl"] else ""
-        parts += [f"### {c['model']} — suite `{c['suite']}` — {title(c)}", "", table(c).to_markdown(index=False, disable_numparse=True, colalign=["right"] * 4), "",
-                  f"{verdict(c)}{dense}", ""]
+        points = table(c).to_markdown(index=False, disable_numparse=True, colalign=["right"] * 4)
+        parts += [f"### {c['model']} — suite `{c['suite']}` — {title(c)}", "", points, "", f"{verdict(c)}{dense}", ""]
     return "\n".join(parts)
 
 

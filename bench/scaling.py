@@ -385,11 +385,16 @@ def progress_line(c: Cell) -> str:
                    f"work {_gb(c.work_bytes)} GB{_training(c)}")
 
 
+def _train_rate(c: Cell) -> float | None:
+    """Training tokens per second of a cell that trained, else None."""
+    return c.train_tokens / c.train_seconds if c.train_tokens and c.train_seconds > 0 else None
+
+
 def _training(c: Cell) -> str:
     """``, trained 65,536 tokens at 2,900 tokens/s (40M tokens: 3.8 h)``; empty for a cell that did not train."""
-    if not c.train_tokens or c.train_seconds <= 0:
+    rate = _train_rate(c)
+    if rate is None:
         return ""
-    rate = c.train_tokens / c.train_seconds
     return f", trained {c.train_tokens:,} tokens at {rate:,.0f} tokens/s (40M tokens: {_duration(40e6 / rate)})"
 
 
@@ -417,8 +422,7 @@ def table(cells: list[Cell]):
                   "on" if c.offload else "off", f"{c.seconds:.2f}" if ok else c.status,
                   f"{c.seconds_per_block:.3f}" if ok else "-", _gb(c.peak_device_bytes), _gb(c.peak_host_bytes),
                   _gb(c.work_bytes), f"{c.achieved_ratio:.4f}" if ok else "-",
-                  *((f"{c.train_tokens / c.train_seconds:,.0f}" if c.train_tokens and c.train_seconds > 0 else "-",)
-                    if trained else ()))
+                  *((f"{rate:,.0f}" if (rate := _train_rate(c)) is not None else "-",) if trained else ()))
     return t
 
 
