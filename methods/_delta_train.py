@@ -8,7 +8,11 @@ compression left alone are the same in both, so they are never swapped. The loss
     L = T^2 * mean over tokens of sum_v p_teacher(v) (log p_teacher(v) - log p_student(v)),  p = softmax(logits / T),
 
 with no hidden-state term. Only the parameters handed in train (by default the deltas A, B); AdamW, no weight
-decay (it would pull every follower towards its base), gradient norm clipped at 1.
+decay (it would pull every follower towards its base), gradient norm clipped at 1. The optimiser always works on
+float32 weights: a trained parameter stored in bf16 (a model loaded in bfloat16, the default on CUDA) gets a float32
+master copy that takes its gradients and AdamW's steps and is rounded back into it after each step. Stepping the bf16
+weight itself would drop every update smaller than half its rounding step (about 0.2 % of its size), so a small
+learning rate would train nothing.
 
 A step takes ``batch_size`` rows; with ``micro_batch`` it runs them in slices of that many rows and accumulates the
 gradients (each slice's loss weighted by its share of the rows, so the step's loss and gradient are the full
@@ -63,6 +67,13 @@ def training_bytes(adapter, rows: int, seq_len: int, elem: int) -> int:
     widest = max(max(adapter.linear(0, k).in_features, adapter.linear(0, k).out_features) for k in adapter.kinds())
     tokens = rows * seq_len
     return tokens * ((12 * hidden + 4 * widest) * elem * adapter.num_blocks + 5 * vocab * 4)
+
+
+def optimizer_bytes(trained: int, elem: int) -> int:
+    """What training ``trained`` parameters stored with ``elem`` bytes each adds (bytes): their gradient and AdamW's
+    two float32 moments, plus a float32 master copy and its gradient when they are not float32 themselves."""
+    master = 0 if elem >= 4 else 4 + 4
+    return trained * (elem + master + 8)
 
 
 def replace_probability(step: int, steps: int, start: float, warmup: float) -> float:
@@ -148,7 +159,11 @@ def train(model: nn.Module, adapter, teacher: nn.Module, windows: torch.Tensor, 
     model.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    # float32 masters for parameters stored in a narrower dtype (see the module's docstring)
+    copies = [(p, p.detach().float().requires_grad_(True)) for p in params if p.dtype != torch.float32]
+    master = {id(p): m for p, m in copies}
+    weights = [master.get(id(p), p) for p in params]
+    opt = torch.optim.AdamW(weights, lr=cfg.lr, weight_decay=0.0)
     losses, probs, tokens, points = [], [], 0, []
     pending = sorted({t for t in cfg.curve_at if 0 < t}) if measure is not None else []
     micro = cfg.micro_batch if 0 < cfg.micro_batch < cfg.batch_size else cfg.batch_size
@@ -178,8 +193,12 @@ def train(model: nn.Module, adapter, teacher: nn.Module, windows: torch.Tensor, 
                         part_loss = part_loss * (part.shape[0] / ids.shape[0])
                     part_loss.backward()
                     loss += part_loss.item()
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    _to_masters(copies)  # each slice's gradient summed in float32, not in the parameter's dtype
+                torch.nn.utils.clip_grad_norm_(weights, cfg.max_grad_norm)
                 opt.step()
+                with torch.no_grad():
+                    for param, copy in copies:
+                        param.copy_(copy)
                 losses.append(loss)
                 probs.append(p)
                 tokens += ids.numel()
@@ -200,11 +219,21 @@ def train(model: nn.Module, adapter, teacher: nn.Module, windows: torch.Tensor, 
            "batch_windows": cfg.batch_size, "micro_batch": micro, "seq_len": int(windows.shape[1]), "lr": cfg.lr,
            "autocast": str(autocast_dtype(device, cfg.autocast) or "off").replace("torch.", ""),
            "param_dtype": str(params[0].dtype).replace("torch.", "") if params else None,
+           "master_copies": len(copies),
            "temperature": cfg.temperature, "pmr": {"start": cfg.pmr_start, "warmup": cfg.pmr_warmup},
            "loss_first": losses[0], "loss_last": losses[-1], "curve": curve(losses, probs)}
     if measure is not None:
         log["points"] = points
     return log
+
+
+def _to_masters(copies: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    """Add each parameter's gradient, in float32, to its master copy's, and clear the parameter's."""
+    for p, m in copies:
+        if p.grad is not None:
+            g = p.grad.float()
+            m.grad = g if m.grad is None else m.grad.add_(g)
+            p.grad = None
 
 
 def curve(losses: list[float], probs: list[float], points: int = 50) -> list[list[float]]:

@@ -165,8 +165,8 @@ class DeltaLLM(Method):
         train_seq_len: int = 0
         #: rows per forward within a step of batch_size rows (gradients accumulate); 0 = the whole batch
         micro_batch: int = 0
-        #: "auto" (bf16 autocast on CUDA, none on CPU), "bf16" or "off"; the KL is always taken in float32. Autocast
-        #: keeps float32 master weights only when the model is loaded in float32 (bench run --dtype float32)
+        #: "auto" (bf16 autocast on CUDA, none on CPU), "bf16" or "off"; the KL is always taken in float32. AdamW
+        #: steps float32 masters of the deltas whatever the model's dtype (bf16 ones are rounded back each step)
         autocast: str = "auto"
         #: token counts (16k, 1M, ... accepted) at which to measure held-out KL and perplexity; 0 = before training
         curve_at: list[str] = field(default_factory=list)
@@ -242,7 +242,7 @@ class DeltaLLM(Method):
                             "(twice the model's bytes), which offloading cannot give; run on a device that holds "
                             "both, or set delta.train_tokens=0 delta.eval_windows=0 for the SVD initialisation alone")
         if needs_teacher:
-            self._check_room(model, adapter, calibration)
+            self._check_room(model, adapter, calibration, solution)
         teacher = copy.deepcopy(model).eval() if needs_teacher else None
         if teacher is not None:
             teacher.requires_grad_(False)
@@ -315,7 +315,7 @@ class DeltaLLM(Method):
         details["kl_windows"] = {"heldout": n_eval, "train_probe": int(probe.shape[0])}
         return CompressionInfo(train_tokens=tokens, train_seconds=seconds, details=details)
 
-    def _check_room(self, model: nn.Module, adapter, calibration: Calibration) -> None:
+    def _check_room(self, model: nn.Module, adapter, calibration: Calibration, solution: Solution) -> None:
         """Refuse, before the teacher is copied, a distillation the device budget cannot hold beside the model."""
         placement, k = of(calibration, model), self.knobs
         if placement.budget_bytes is None:
@@ -324,15 +324,19 @@ class DeltaLLM(Method):
         rows = k.micro_batch if 0 < k.micro_batch < k.batch_size else k.batch_size
         seq = (k.train_seq_len or calibration.seq_len) if k.train_data == "corpus" else calibration.seq_len
         elem = next(model.parameters()).element_size()
-        train = training.training_bytes(adapter, rows, seq, elem) if k.train_tokens > 0 else 0
+        train = optim = 0
+        if k.train_tokens > 0:
+            train = training.training_bytes(adapter, rows, seq, elem)
+            optim = training.optimizer_bytes(trained_params(adapter, solution.knobs, k.train_base), elem)
         left = placement.budget_bytes - teacher - placement.resident  # the student is the resident model itself
-        if teacher + train > left:
+        if teacher + train + optim > left:
             raise UserError(
-                f"delta: distillation needs {gib(teacher + train)} on {placement.device} beside the model (a dense "
-                f"teacher copy {gib(teacher)}, activations and logits of {rows} x {seq} tokens a forward about "
-                f"{gib(train)}), but {gib(max(left, 0))} of the {gib(placement.budget_bytes)} budget is left; use a "
-                "larger device, a smaller delta.micro_batch or delta.train_seq_len, or delta.train_tokens=0 "
-                "delta.eval_windows=0 for the SVD initialisation alone")
+                f"delta: distillation needs {gib(teacher + train + optim)} on {placement.device} beside the model (a "
+                f"dense teacher copy {gib(teacher)}, activations and logits of {rows} x {seq} tokens a forward about "
+                f"{gib(train)}, gradients, float32 masters and AdamW moments of the trained weights {gib(optim)}), "
+                f"but {gib(max(left, 0))} of the {gib(placement.budget_bytes)} budget is left; use a larger device, a "
+                "smaller delta.micro_batch or delta.train_seq_len, or delta.train_tokens=0 delta.eval_windows=0 for "
+                "the SVD initialisation alone")
 
     @staticmethod
     def _corpus_rows(calibration: Calibration, k) -> tuple[torch.Tensor, dict]:
@@ -347,6 +351,20 @@ class DeltaLLM(Method):
         rows, info = packed_rows(calibration.tokenizer, seq_len, steps * k.batch_size, calibration.seed, k.corpus,
                                  None if calibration.cache_dir is None else Path(calibration.cache_dir))
         return rows, {"train_data": "corpus", **info, "prepare_seconds": round(time.perf_counter() - t0, 3)}
+
+
+def trained_params(adapter, knobs: dict, train_base: bool = False) -> int:
+    """Parameters the distillation trains for a solved plan: every follower's r x (in + out) delta (and, with
+    ``train_base``, each group's shared base linears)."""
+    total = 0
+    for g in knobs["groups"]:
+        for kind in knobs["kinds"]:
+            m = adapter.linear(g[0], kind)
+            rank = min(int(knobs["rank"]), m.out_features, m.in_features)
+            total += (len(g) - 1) * rank * (m.in_features + m.out_features)
+            if train_base and len(g) > 1:
+                total += m.weight.numel()
+    return total
 
 
 def parse_tokens(value: int | str) -> int:

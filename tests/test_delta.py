@@ -156,7 +156,8 @@ def test_progress_line_reads_as_an_eta():
 def test_a_distillation_the_device_cannot_hold_is_refused_before_the_teacher_is_copied():
     """Issue 8: the teacher copy and the training's activations and logits must fit beside the resident model."""
     from bench.placement import Placement, module_bytes
-    from methods._delta_train import training_bytes
+    from methods._delta_train import optimizer_bytes, training_bytes
+    from methods.delta import trained_params
 
     model = make_tiny("llama", num_hidden_layers=4)
     adapter = get_adapter(model)
@@ -164,12 +165,15 @@ def test_a_distillation_the_device_cannot_hold_is_refused_before_the_teacher_is_
     assert training_bytes(adapter, 4, 32, 4) == 2 * per_forward == training_bytes(adapter, 2, 64, 4)  # per token
     method = DeltaLLM(train_tokens=64, eval_windows=1, batch_size=4, micro_batch=2)
     sol = method.solve(adapter, 0.1)
+    optim = optimizer_bytes(trained_params(adapter, sol.knobs), 4)
+    assert optim == trained_params(adapter, sol.knobs) * 12  # float32: gradient and two AdamW moments, no master
     calib = tiny_calibration()
-    calib.placement = Placement(budget_bytes=2 * weights + per_forward - 1)  # one byte short
-    with pytest.raises(UserError, match=r"a dense teacher copy .* of 2 x 32 tokens a forward .* budget is left"):
+    calib.placement = Placement(budget_bytes=2 * weights + per_forward + optim - 1)  # one byte short
+    with pytest.raises(UserError, match=r"a dense teacher copy .* of 2 x 32 tokens a forward .* AdamW moments .* "
+                                        r"budget is left"):
         method.compress(model, adapter, calib, sol)
     assert all(not isinstance(m, DeltaLinear) for m in model.modules())  # refused before any change
-    calib.placement = Placement(budget_bytes=2 * weights + per_forward)
+    calib.placement = Placement(budget_bytes=2 * weights + per_forward + optim)
     assert method.compress(model, adapter, calib, sol).train_tokens == 128  # one whole step: 4 windows of 32
     untrained = DeltaLLM(train_tokens=0, eval_windows=1)  # the held-out KL alone needs the teacher, not training
     fresh = make_tiny("llama", num_hidden_layers=4)
@@ -227,3 +231,19 @@ def test_hybrid_with_every_block_from_the_teacher_is_the_teacher(family):
         assert torch.equal(_logits(model, ids), _logits(teacher, ids))
     assert all(a is b for a, b in zip(adapter.blocks(), own, strict=True))
     assert not torch.equal(_logits(model, ids), _logits(teacher, ids))
+
+
+@pytest.mark.parametrize("train_base", [False, True])
+def test_trained_params_counts_exactly_what_the_distillation_trains(family, train_base):
+    from methods.delta import trained_params
+
+    model = make_tiny(family, num_hidden_layers=6)
+    adapter = get_adapter(model)
+    method = DeltaLLM(train_tokens=0, eval_windows=0, train_base=train_base)
+    sol = method.solve(adapter, 0.12)
+    method.compress(model, adapter, tiny_calibration(), sol)
+    deltas = [m for m in model.modules() if isinstance(m, DeltaLinear)]
+    trained = {id(p): p for d in deltas for p in (d.down.weight, d.up.weight)}
+    if train_base:
+        trained |= {id(d.base.weight): d.base.weight for d in deltas}
+    assert deltas and trained_params(adapter, sol.knobs, train_base) == sum(p.numel() for p in trained.values())
