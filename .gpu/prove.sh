@@ -40,7 +40,10 @@
 #            the packaged corpus (bench/corpus.py) in rows of 2048 tokens, batches of 8, to DELTA_TOKENS (default
 #            40M) with held-out KL and perplexity at DELTA_CURVE (default 0,16k,1M,10M,40M). The record is written
 #            at the end only: give it a STEP_TIMEOUT it can finish in (a guess: 40M tokens take 4-8 min on an H100;
-#            DELTA_TOKENS=10000000 DELTA_CURVE=0,16k,1M,10M first if unsure). Needs both halves, like real. The
+#            DELTA_TOKENS=10000000 DELTA_CURVE=0,16k,1M,10M first if unsure). It saves its training state every
+#            DELTA_SAVE_EVERY seconds (default 60) to /tmp/slimbench-cache: a step cut by its timeout is resumed by
+#            the same command in the next call, if that call comes while the machine is still warm (its /tmp is
+#            kept; the machine goes back 30 s after a call). Needs both halves, like real. The
 #            same command on a 24 GB CPU machine is killed for memory (batch 8 x 2048 x a 49k vocabulary).
 # A 15-minute session (about 90 s of it to start the machine): call 1 carries .gpu-assets/a and runs
 # `STEP_TIMEOUT=200 .gpu/prove.sh delta7b`; call 2, at once, carries .gpu-assets/b and runs `STEP_TIMEOUT=240
@@ -173,7 +176,7 @@ for step in "${steps[@]}"; do
     delta) bench_run_step delta --methods delta --ratio "${DELTA_RATIOS:-0.12}" --seeds 0 --device cuda --dtype float32 \
              --tasks none --train-tokens "${DELTA_TOKENS:-40000000}" --set delta.eval_windows=8 \
              --set delta.train_data=corpus --set delta.train_seq_len=2048 --set delta.batch_size=8 \
-             --set "delta.curve_at=${DELTA_CURVE:-0,16k,1M,10M,40M}" ;;
+             --set "delta.curve_at=${DELTA_CURVE:-0,16k,1M,10M,40M}" --set "delta.save_every=${DELTA_SAVE_EVERY:-60}" ;;
     *) echo "unknown step $step; steps: smollm2 flat 7b 13b delta7b real delta" | tee -a "$LOG"; STATUS+=("$step=unknown") ;;
   esac
 done

@@ -21,6 +21,8 @@ from torch import nn
 from bench.errors import UserError
 
 ENTRY_POINT_GROUP = "slimbench.methods"
+#: ``field(default=..., metadata=OPERATIONAL)`` marks a knob that cannot change a result (see Method.operational_knobs)
+OPERATIONAL = {"operational": True}
 _REGISTRY: dict[str, type[Method]] = {}
 _DISCOVERED = False
 
@@ -71,6 +73,17 @@ class Method:
 
     def knob_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.knobs)
+
+    @classmethod
+    def operational_knobs(cls) -> set[str]:
+        """Knobs that change how a run goes but not its result (declared ``field(metadata=OPERATIONAL)``, e.g. how
+        often a long training saves its state): left out of the cell's key and its record's file name."""
+        return {f.name for f in dataclasses.fields(cls.Knobs) if f.metadata.get("operational")}
+
+    def result_knobs(self) -> dict[str, Any]:
+        """The knobs that decide the result: the ones a cell's key is made of."""
+        ops = self.operational_knobs()
+        return {k: v for k, v in self.knob_dict().items() if k not in ops}
 
     # -- to implement ------------------------------------------------------------------------
     def solve(self, adapter, ratio: float) -> Solution:

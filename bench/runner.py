@@ -152,8 +152,10 @@ def run(cfg: RunConfig, events: Events | None = None) -> list[Record]:
     for cell in cells:
         inst = instances.get(cell.method)
         knobs = inst.knob_dict() if inst else {}
-        key = cell_key(base_parts | {"method": cell.method, "knobs": knobs, "ratio": cell.ratio, "seed": cell.seed})
-        rec = Record(model=model_info, method=cell.method, knobs=knobs, knob_overrides=cfg.knobs.get(cell.method, {}),
+        decisive = inst.result_knobs() if inst else {}  # operational knobs (a save interval) leave the key alone
+        key = cell_key(base_parts | {"method": cell.method, "knobs": decisive, "ratio": cell.ratio, "seed": cell.seed})
+        overrides = {k: v for k, v in cfg.knobs.get(cell.method, {}).items() if k in decisive}
+        rec = Record(model=model_info, method=cell.method, knobs=knobs, knob_overrides=overrides,
                      target_ratio=cell.ratio, seed=cell.seed, suite=cfg.suite.to_dict(), key=key,
                      environment=env, started=now())
         if model_notices:

@@ -20,20 +20,30 @@ batch's). With ``autocast`` (bf16; ``delta.autocast=auto`` asks for it on CUDA o
 the KL is always taken in float32.
 ``measure`` (with ``curve_at``) pauses training at those token counts to measure the model as it stands, every
 block compressed; that time is left out of tokens/s.
+
+With ``state_path`` the run saves its whole state every ``save_every`` seconds (trained weights and their float32
+masters, AdamW's moments and step counts, the PMR generator, the step, and the log so far: losses, p(t), curve
+points, training seconds) to one verified safetensors file, and a run handed the same path starts from that state
+instead of step 0. On the same hardware a resumed run takes exactly the steps an uninterrupted one takes. The caller
+names the file by everything that decides the training, so a state is only ever read back into the run that wrote
+it; the file also holds that name and is checked against it. The file is removed when training ends.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench import integrity
 from bench.calibration import model_device
 
 
@@ -55,6 +65,12 @@ class TrainConfig:
     autocast: torch.dtype | None = None
     #: token counts at which ``measure`` is called during training (0 and counts past the budget are ignored)
     curve_at: tuple[int, ...] = ()
+    #: where the training state is saved and resumed from (None: never saved)
+    state_path: Path | None = None
+    #: what the state file must say it belongs to (the caller's key of everything that decides the training)
+    state_key: str = ""
+    #: seconds of training between two saves of the state (<= 0: never saved)
+    save_every: float = 600.0
 
 
 def training_bytes(adapter, rows: int, seq_len: int, elem: int) -> int:
@@ -165,15 +181,29 @@ def train(model: nn.Module, adapter, teacher: nn.Module, windows: torch.Tensor, 
     weights = [master.get(id(p), p) for p in params]
     opt = torch.optim.AdamW(weights, lr=cfg.lr, weight_decay=0.0)
     losses, probs, tokens, points = [], [], 0, []
-    pending = sorted({t for t in cfg.curve_at if 0 < t}) if measure is not None else []
+    first, before, resumed = 0, 0.0, []  # where a resumed run starts, its training seconds so far, its resumes
+    saving = cfg.state_path is not None and cfg.save_every > 0
+    if saving:
+        state = load_state(cfg.state_path, cfg.state_key, weights, opt, gen, steps)
+        if state is not None:
+            first, tokens, before = state["step"], state["tokens"], state["seconds"]
+            losses, probs, points, resumed = state["losses"], state["probs"], state["points"], state["resumed"]
+            resumed.append({"step": first, "tokens": tokens, "seconds": round(before, 3)})
+            with torch.no_grad():
+                for param, copy in copies:
+                    param.copy_(copy)
+            if report is not None:
+                report(f"resuming training at {tokens:,} tokens from {cfg.state_path}")
+    pending = sorted({t for t in cfg.curve_at if tokens < t}) if measure is not None else []
     micro = cfg.micro_batch if 0 < cfg.micro_batch < cfg.batch_size else cfg.batch_size
     amp = autocast_context(device, cfg.autocast)
     paused = 0.0  # seconds spent measuring the curve, not training
-    start = last_report = time.perf_counter()
+    start = last_report = last_save = time.perf_counter()
     total = steps * per_step
+    saves = 0
     try:
         with torch.enable_grad():
-            for step in range(steps):
+            for step in range(first, steps):
                 p = replace_probability(step, steps, cfg.pmr_start, cfg.pmr_warmup)
                 replaced = [b for b, u in zip(changed, torch.rand(len(changed), generator=gen).tolist(), strict=True)
                             if u < p]
@@ -205,25 +235,86 @@ def train(model: nn.Module, adapter, teacher: nn.Module, windows: torch.Tensor, 
                 while pending and tokens >= pending[0]:
                     pending.pop(0)
                     t0 = time.perf_counter()
-                    point = {"tokens": tokens, "seconds": t0 - start - paused, **measure()}
+                    point = {"tokens": tokens, "seconds": before + t0 - start - paused, **measure()}
                     points.append(point)
                     paused += time.perf_counter() - t0
                 if report is not None and time.perf_counter() - last_report >= REPORT_EVERY:
                     last_report = time.perf_counter()
-                    report(progress_line(tokens, total, last_report - start - paused, loss))
+                    report(progress_line(tokens, total, before + last_report - start - paused, loss))
+                if saving and step + 1 < steps and time.perf_counter() - last_save >= cfg.save_every:
+                    log_so_far = {"step": step + 1, "tokens": tokens, "losses": losses, "probs": probs,
+                                  "points": points, "resumed": resumed,
+                                  "seconds": before + time.perf_counter() - start - paused}
+                    saves += save_state(cfg.state_path, cfg.state_key, weights, opt, gen, log_so_far)
+                    last_save = time.perf_counter()
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    seconds = time.perf_counter() - start - paused
+    if saving:
+        cfg.state_path.unlink(missing_ok=True)  # the record holds what it was kept for
+    seconds = before + time.perf_counter() - start - paused
     log = {"steps": steps, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
            "batch_windows": cfg.batch_size, "micro_batch": micro, "seq_len": int(windows.shape[1]), "lr": cfg.lr,
            "autocast": str(autocast_dtype(device, cfg.autocast) or "off").replace("torch.", ""),
            "param_dtype": str(params[0].dtype).replace("torch.", "") if params else None,
-           "master_copies": len(copies),
+           "master_copies": len(copies), "state_saves": saves, "resumed": resumed,
            "temperature": cfg.temperature, "pmr": {"start": cfg.pmr_start, "warmup": cfg.pmr_warmup},
            "loss_first": losses[0], "loss_last": losses[-1], "curve": curve(losses, probs)}
     if measure is not None:
         log["points"] = points
+    return log
+
+
+STATE_VERSION = 1
+
+
+def save_state(path: Path, key: str, weights: list[torch.Tensor], opt: torch.optim.Optimizer, gen: torch.Generator,
+               log: dict) -> bool:
+    """Write the training state (see the module's docstring) atomically; False when the disk refuses."""
+    tensors = {"generator": gen.get_state()}
+    for i, w in enumerate(weights):
+        tensors[f"weight.{i}"] = w.detach()
+        for name, value in opt.state.get(w, {}).items():
+            tensors[f"adam.{i}.{name}"] = value if torch.is_tensor(value) else torch.tensor(float(value))
+    meta = {"version": STATE_VERSION, "key": key, **log}
+    tensors["log"] = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)  # under the digest
+    return integrity.save_tensors(path, tensors)
+
+
+def load_state(path: Path, key: str, weights: list[torch.Tensor], opt: torch.optim.Optimizer, gen: torch.Generator,
+               steps: int) -> dict | None:
+    """Put a saved state back into ``weights``, ``opt`` and ``gen``; its log, or None when there is none to use.
+
+    A file that fails its digest is quarantined by :func:`bench.integrity.load_tensors`; one that is whole but not
+    this run's (another key, version or shape) is quarantined here, so a stale state is never trained on."""
+    tensors = integrity.load_tensors(path)
+    if tensors is None:
+        return None
+    try:
+        log = json.loads(bytes(tensors.pop("log").tolist()).decode())
+    except (KeyError, ValueError):
+        integrity.quarantine(path, "no readable training log in it")
+        return None
+    shapes = [tuple(tensors.get(f"weight.{i}", torch.empty(0)).shape) for i in range(len(weights))]
+    why = ("another state version" if log.get("version") != STATE_VERSION else
+           "another run's state (key mismatch)" if log.get("key") != key else
+           "other weight shapes" if shapes != [tuple(w.shape) for w in weights] else
+           "a step beyond this run's" if not 0 < log.get("step", 0) < steps else "")
+    if why:
+        integrity.quarantine(path, why)
+        return None
+    with torch.no_grad():
+        for i, w in enumerate(weights):
+            w.copy_(tensors[f"weight.{i}"])
+    state = {}
+    for i, w in enumerate(weights):
+        entry = {name.split(".", 2)[2]: value.to(w.device) for name, value in tensors.items()
+                 if name.startswith(f"adam.{i}.")}
+        if entry:
+            state[i] = entry
+    saved = opt.state_dict()
+    opt.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    gen.set_state(tensors["generator"])
     return log
 
 

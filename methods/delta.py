@@ -26,6 +26,8 @@ target it takes the smallest r whose counted parameters are at or just above (1 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -43,7 +45,7 @@ from bench.corpus import DEFAULT_SOURCE, packed_rows
 from bench.errors import UserError
 from bench.evaluate.perplexity import perplexity
 from bench.placement import gib, module_bytes, of
-from bench.registry import CompressionInfo, Method, Solution, register
+from bench.registry import OPERATIONAL, CompressionInfo, Method, Solution, register
 from methods import _delta_train as training
 from methods._whiten import whitening_workspace
 
@@ -170,6 +172,9 @@ class DeltaLLM(Method):
         autocast: str = "auto"
         #: token counts (16k, 1M, ... accepted) at which to measure held-out KL and perplexity; 0 = before training
         curve_at: list[str] = field(default_factory=list)
+        #: seconds of training between saves of its state to the run's cache, from which a rerun of the same cell
+        #: (killed, preempted, retried) resumes; 0 = never saved. Not part of the cell's key: it changes no result
+        save_every: float = field(default=600.0, metadata=OPERATIONAL)
 
     def _kinds(self, adapter) -> list[str]:
         k = self.knobs
@@ -296,7 +301,8 @@ class DeltaLLM(Method):
             cfg = training.TrainConfig(tokens=k.train_tokens, batch_size=k.batch_size, lr=k.lr,
                                        temperature=k.temperature, pmr_start=k.pmr_start, pmr_warmup=k.pmr_warmup,
                                        seed=calibration.seed, micro_batch=k.micro_batch, autocast=amp,
-                                       curve_at=tuple(curve_at))
+                                       curve_at=tuple(curve_at), save_every=k.save_every)
+            cfg.state_path, cfg.state_key = self._state_file(calibration, solution, rows, params)
             log = training.train(model, adapter, teacher, rows, params, changed, cfg, measure, calibration.report)
             tokens, seconds = log["tokens"], log["seconds"]
             if measure is not None:
@@ -338,6 +344,19 @@ class DeltaLLM(Method):
                 "smaller delta.micro_batch or delta.train_seq_len, or delta.train_tokens=0 delta.eval_windows=0 for "
                 "the SVD initialisation alone")
 
+    def _state_file(self, calibration: Calibration, solution: Solution, rows: torch.Tensor,
+                    params: list[nn.Parameter]) -> tuple[Path | None, str]:
+        """Where this cell's training state is saved, and its key: a digest of everything that decides the training
+        (the dense model, the calibration windows, the training rows, the plan, every result knob, the weights'
+        dtype and the device), so a state is only resumed by the run that wrote it. None without a disk cache."""
+        if calibration.cache_dir is None or not calibration.model_key or self.knobs.save_every <= 0:
+            return None, ""
+        spec = {"model": calibration.model_key, "calibration": _digest(calibration.tokens), "rows": _digest(rows),
+                "plan": solution.knobs, "knobs": self.result_knobs(), "dtype": str(params[0].dtype) if params else "",
+                "device": params[0].device.type if params else "", "version": training.STATE_VERSION}
+        key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        return Path(calibration.cache_dir) / f"delta-train-{key}.safetensors", key
+
     @staticmethod
     def _corpus_rows(calibration: Calibration, k) -> tuple[torch.Tensor, dict]:
         """Enough packed corpus rows for ``k.train_tokens`` in whole steps of ``k.batch_size`` rows."""
@@ -351,6 +370,10 @@ class DeltaLLM(Method):
         rows, info = packed_rows(calibration.tokenizer, seq_len, steps * k.batch_size, calibration.seed, k.corpus,
                                  None if calibration.cache_dir is None else Path(calibration.cache_dir))
         return rows, {"train_data": "corpus", **info, "prepare_seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def trained_params(adapter, knobs: dict, train_base: bool = False) -> int:

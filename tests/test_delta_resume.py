@@ -1,0 +1,178 @@
+"""DeltaLLM's training state: a killed distillation resumes to exactly the uninterrupted result, and a state that is
+not the run's own (another run's, damaged) is never trained on."""
+
+import pytest
+import torch
+from conftest import make_tiny, tiny_calibration
+
+from bench.adapters import get_adapter
+from bench.calibration import Calibration
+from methods import _delta_train as training
+from methods.delta import DeltaLinear, DeltaLLM
+
+
+class Killed(Exception):
+    pass
+
+
+def _run(cache, dtype=torch.float32, **knobs):
+    """The tiny Llama at 10 %, 8 steps of 2 windows x 32 tokens; ``cache``: where states are saved (None: nowhere)."""
+    torch.manual_seed(0)
+    model = make_tiny("llama", num_hidden_layers=6).to(dtype)
+    adapter = get_adapter(model)
+    calib = Calibration(tokens=tiny_calibration().tokens, seed=0, batch_size=4, cache_dir=cache,
+                        model_key="tiny" if cache else "")
+    method = DeltaLLM(**{"train_tokens": 512, "batch_size": 2, "lr": 1e-3, "eval_windows": 2, "autocast": "off",
+                         "curve_at": ["0", "128", "384"], "save_every": 1e-9} | knobs)
+    info = method.compress(model, adapter, calib, method.solve(adapter, 0.1))
+    weights = [w.detach().clone() for m in model.modules() if isinstance(m, DeltaLinear) for w in (m.down.weight,
+                                                                                                    m.up.weight)]
+    return weights, info.details
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_killed_training_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, dtype):
+    """Killed at step 6 with the last state saved after step 3: the rerun starts at step 3, redoes 3-5, and ends
+    with the same weights, losses and curve as a run never stopped (bit for bit, on one machine)."""
+    ref, ref_details = _run(None, dtype)
+    save, schedule = training.save_state, training.replace_probability
+
+    def save_at_3(path, key, weights, opt, gen, log):
+        return save(path, key, weights, opt, gen, log) if log["step"] == 3 else False
+
+    def kill_at_6(step, *args):
+        if step == 6:
+            raise Killed
+        return schedule(step, *args)
+
+    monkeypatch.setattr(training, "save_state", save_at_3)
+    monkeypatch.setattr(training, "replace_probability", kill_at_6)
+    with pytest.raises(Killed):
+        _run(tmp_path, dtype)
+    states = list(tmp_path.glob("delta-train-*.safetensors"))
+    assert len(states) == 1
+    monkeypatch.setattr(training, "replace_probability", schedule)
+    got, details = _run(tmp_path, dtype)
+    train, ref_train = details["train"], ref_details["train"]
+    assert [r["step"] for r in train["resumed"]] == [3] and train["resumed"][0]["tokens"] == 3 * 64
+    assert ref_train["resumed"] == [] and ref_train["state_saves"] == 0  # no cache: nothing saved
+    assert train["steps"] == ref_train["steps"] == 8 and train["tokens"] == 512
+    assert train["curve"] == ref_train["curve"]  # every step's loss and p(t), the first three from the state
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+    strip = [{k: v for k, v in p.items() if k != "seconds"} for p in details["curve"]]
+    assert strip == [{k: v for k, v in p.items() if k != "seconds"} for p in ref_details["curve"]]
+    assert [p["tokens"] for p in details["curve"]] == [0, 128, 384, 512]  # 128 from before the kill, 384 after
+    assert details["kl"] == ref_details["kl"]
+    assert not list(tmp_path.glob("delta-train-*.safetensors"))  # finished: the state is removed
+
+
+def test_an_uninterrupted_run_with_saves_equals_one_without(tmp_path):
+    ref, ref_details = _run(None)
+    got, details = _run(tmp_path)  # a save after every step
+    assert details["train"]["state_saves"] == 7 and details["train"]["resumed"] == []
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+    assert details["kl"] == ref_details["kl"]
+    assert not list(tmp_path.glob("delta-train-*"))
+
+
+def _state(tmp_path, key="k"):
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    w.grad = torch.randn(4, 3)
+    opt.step()
+    path = tmp_path / "state.safetensors"
+    gen = torch.Generator().manual_seed(1)
+    assert training.save_state(path, key, [w], opt, gen, {"step": 2, "tokens": 10, "seconds": 1.0, "losses": [1.0, 2.0],
+                                                          "probs": [0.1, 0.2], "points": [], "resumed": []})
+    return path, w
+
+
+def _fresh():
+    w = torch.nn.Parameter(torch.zeros(4, 3))
+    return w, torch.optim.AdamW([w], lr=0.1), torch.Generator()
+
+
+def test_a_state_reads_back_whole(tmp_path):
+    path, saved = _state(tmp_path)
+    w, opt, gen = _fresh()
+    log = training.load_state(path, "k", [w], opt, gen, steps=8)
+    assert log["step"] == 2 and log["losses"] == [1.0, 2.0]
+    assert torch.equal(w, saved) and int(opt.state[w]["step"]) == 1
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(1).get_state())
+
+
+@pytest.mark.parametrize(("key", "steps", "why"), [("other", 8, "key mismatch"), ("k", 2, "a step beyond")])
+def test_another_runs_state_is_quarantined_not_trained_on(tmp_path, key, steps, why, capsys):
+    path, _ = _state(tmp_path)
+    w, opt, gen = _fresh()
+    assert training.load_state(path, key, [w], opt, gen, steps) is None
+    assert not path.exists() and len(list(tmp_path.glob("state.safetensors.bad-*"))) == 1
+    assert torch.equal(w, torch.zeros(4, 3)) and not opt.state  # nothing was loaded
+    assert why in capsys.readouterr().err
+
+
+def test_a_damaged_state_is_quarantined(tmp_path):
+    path, _ = _state(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # a flipped bit in the tensor bytes
+    path.write_bytes(bytes(data))
+    w, opt, gen = _fresh()
+    assert training.load_state(path, "k", [w], opt, gen, 8) is None
+    assert list(tmp_path.glob("state.safetensors.bad-*"))
+
+
+def test_the_state_key_follows_every_result_knob_but_not_the_save_interval(tmp_path):
+    torch.manual_seed(0)
+    model = make_tiny("llama", num_hidden_layers=6)
+    adapter = get_adapter(model)
+    calib = Calibration(tokens=tiny_calibration().tokens, seed=0, cache_dir=tmp_path, model_key="tiny")
+    sol = DeltaLLM().solve(adapter, 0.1)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    rows = calib.tokens[:6]
+
+    def key(**knobs):
+        return DeltaLLM(**knobs)._state_file(calib, sol, rows, params)[1]
+
+    assert key() == key(save_every=5.0)
+    assert len({key(), key(lr=2e-3), key(train_tokens=1024), key(pmr_warmup=0.3)}) == 4
+    assert DeltaLLM(save_every=0)._state_file(calib, sol, rows, params) == (None, "")
+    assert "save_every" in DeltaLLM().knob_dict() and "save_every" not in DeltaLLM().result_knobs()
+    assert DeltaLLM.operational_knobs() == {"save_every"}
+
+
+def test_bench_run_resumes_a_failed_cell_and_a_save_interval_keeps_its_record(tmp_path, tiny_model_dir, monkeypatch):
+    """Through the runner: a cell that died mid-training is recomputed from its saved state (found in the run's
+    cache by its key); setting delta.save_every changes neither the cell's key nor its record's file."""
+    from bench.cli import main
+    from bench.records import load_records
+
+    def run(*extra):
+        return main(["run", "--model", str(tiny_model_dir), "--methods", "delta", "--ratio", "0.2", "--train-tokens",
+                     "512", "--set", "delta.batch_size=2", "--set", "delta.save_every=0.000001", *extra,
+                     "--results-dir", str(tmp_path / "results"), "--leaderboard-dir", str(tmp_path / "lb"),
+                     "--cache-dir", str(tmp_path / "cache"), "--tasks", "none", "--calib-samples", "4",
+                     "--calib-seq-len", "32", "--no-save"])
+
+    schedule = training.replace_probability
+
+    def kill_at_5(step, *args):
+        if step == 5:
+            raise Killed("the node went away")
+        return schedule(step, *args)
+
+    monkeypatch.setattr(training, "replace_probability", kill_at_5)
+    run()
+    (rec,) = [r for r in load_records(tmp_path / "results")[0] if r.method == "delta"]
+    assert rec.status != "ok" and "the node went away" in rec.error
+    assert len(list((tmp_path / "cache").rglob("delta-train-*.safetensors"))) == 1
+    monkeypatch.setattr(training, "replace_probability", schedule)
+    assert run() == 0
+    (rec,) = [r for r in load_records(tmp_path / "results")[0] if r.method == "delta"]
+    assert rec.status == "ok" and [r["step"] for r in rec.details["train"]["resumed"]] == [5]
+    assert rec.cost["train_tokens"] == 512 and "save_every" not in rec.knob_overrides
+    assert not list((tmp_path / "cache").rglob("delta-train-*.safetensors"))
+    files = sorted(p.name for p in (tmp_path / "results").rglob("delta*.json"))
+    assert run("--set", "delta.save_every=30") == 0  # same key: the record is reused, not recomputed
+    assert sorted(p.name for p in (tmp_path / "results").rglob("delta*.json")) == files
+    (again,) = [r for r in load_records(tmp_path / "results")[0] if r.method == "delta"]
+    assert again.started == rec.started
