@@ -47,7 +47,8 @@
 #            same command on a 24 GB CPU machine is killed for memory (batch 8 x 2048 x a 49k vocabulary).
 # A 15-minute session (about 90 s of it to start the machine): call 1 carries .gpu-assets/a and runs
 # `STEP_TIMEOUT=200 .gpu/prove.sh delta7b`; call 2, at once, carries .gpu-assets/b and runs `STEP_TIMEOUT=240
-# DELTA_TOKENS=10000000 DELTA_CURVE=0,16k,1M,10M .gpu/prove.sh real delta` (40M tokens need a call of their own).
+# DELTA_TOKENS=10000000 DELTA_CURVE=0,16k,1M,10M .gpu/prove.sh real delta` (40M tokens need a call of their own;
+# a delta step cut by its timeout goes on where it stopped when the same command is called again at once).
 # With time left: `FLAT_BLOCKS=4 .gpu/prove.sh flat` (the 4-block peak against the 12.54 GB measured at 2 blocks
 # shows the leak fix).
 # Then, anywhere (no GPU needed), with the JSON files brought back:
