@@ -119,7 +119,8 @@ def draw(ax: Axes, curves: list[dict]) -> None:
     for i, c in enumerate(curves):
         pts = [p for p in c["points"] if p.get("kl_heldout") is not None]
         ax.plot([p["tokens"] for p in pts], [p["kl_heldout"] for p in pts], marker="o", color=f"C{i % 10}",
-                label=f"{c['method']} {100 * c['target']:.0f} % s{c['seed']} ({c['device'] or '?'})")
+                label=f"{c['method']} {100 * c['target']:.0f} % s{c['seed']}, {_tokens(c['tokens'])} tokens "
+                      f"({c['device'] or '?'})")  # two runs of one cell differ by their budget
     ax.set_xscale("symlog", linthresh=1e4)
     ax.set_yscale("log")
     ax.set_xlabel("training tokens (symlog)")

@@ -72,3 +72,22 @@ def test_leaderboard_files_carry_the_section_and_drop_a_stale_figure(tmp_path):
 @pytest.mark.parametrize("n, text", [(None, "-"), (999, "999"), (16_384, "16.4k"), (40_000_000, "40M")])
 def test_token_counts_read_as_people_write_them(n, text):
     assert curves._tokens(n) == text
+
+
+def test_two_budgets_of_one_cell_get_their_own_legend_entries():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    longer = _trained()
+    longer.knob_overrides = {"train_tokens": 16000}
+    longer.cost = {"train_tokens": 16000}
+    recs = [*RECORDS[:3], _trained(), longer]
+    found = curves.runs(recs, leaderboard.frame(recs))
+    fig, ax = plt.subplots()
+    curves.draw(ax, found)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    plt.close(fig)
+    assert len(labels) == len(set(labels)) == 2, labels
+    assert any("4k tokens" in t for t in labels) and any("16k tokens" in t for t in labels)
