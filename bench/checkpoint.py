@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from bench import structure
+from bench import integrity, structure
 from bench.adapters import get_adapter
 from bench.errors import UserError
 
@@ -34,7 +34,6 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, extra: dict | Non
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    os.chmod(tmp, 0o755)
     try:
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         meta = {
@@ -48,6 +47,7 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, extra: dict | Non
         save_model(model, str(tmp / WEIGHTS))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        integrity.as_user_writes(tmp)  # safetensors writes 0600, mkdtemp 0700: readable by whom the umask says
         _swap_in(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -127,6 +127,26 @@ def drain() -> list[str]:
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def as_user_writes(path: Path) -> None:
+    """Give ``path`` (a file, or a folder and the files in it) the mode the user's umask gives any file they write.
+
+    safetensors writes 0600 and mkdtemp makes 0700 whatever the umask, so without this a cache shared by a team
+    (one folder, several users) holds files the others cannot read, which their runs take for damaged entries and
+    move aside."""
+    files = [path] if path.is_file() else [path, *(f for f in path.iterdir() if f.is_file())]
+    for f in files:
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~_UMASK)
+
+
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
@@ -145,6 +165,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> bool:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(cpu, str(tmp), metadata={DIGEST_KEY: tensors_sha256(cpu)})
+        as_user_writes(tmp)
         os.replace(tmp, path)
         return True
     except OSError:

@@ -108,6 +108,7 @@ def _dequantised_cache(gguf: Path, cache: Path) -> Path:
     try:
         _dequantise(gguf, tmp)
         integrity.write_manifest(tmp)
+        integrity.as_user_writes(tmp)  # a team's shared cache: the others must be able to read it
         try:
             os.replace(tmp, target)
         except OSError as err:  # another process finished first: use its (verified) folder

@@ -241,3 +241,26 @@ def test_records_are_strict_json_with_non_finite_numbers_named(tmp_path):
     back = read_record(path)
     assert back.metrics["perplexity"] is None
     assert back.non_finite == {"metrics.perplexity": "nan", "metrics.tasks.t.acc": "inf"}
+
+
+def test_cache_files_and_checkpoints_are_as_readable_as_the_umask_says(tmp_path, tiny_tokenizer):
+    """safetensors writes 0600 and mkdtemp 0700 whatever the umask: a team's shared cache would hold statistics and
+    checkpoints the others cannot read (their runs would take them for damaged entries and move them aside)."""
+    import stat
+
+    old, saved = os.umask(0o022), integrity._UMASK
+    try:
+        integrity._UMASK = 0o022
+        stat_file = tmp_path / "stats" / "grams.safetensors"
+        assert integrity.save_tensors(stat_file, {"g": torch.ones(3)})
+        assert stat.S_IMODE(stat_file.stat().st_mode) == 0o644
+        folder = checkpoint.save(make_tiny("llama"), tiny_tokenizer, tmp_path / "ckpt")
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+        assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in folder.iterdir()}[checkpoint.WEIGHTS] == 0o644
+        assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in folder.iterdir())
+        integrity._UMASK = 0o077  # a user who keeps everything private stays private
+        assert integrity.save_tensors(stat_file, {"g": torch.ones(3)})
+        assert stat.S_IMODE(stat_file.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+        integrity._UMASK = saved
