@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from bench.records import UMASK as _UMASK  # a name of this module, so a test can set it
+
 CHUNK = 8 * 2**20
 DIGEST_KEY = "slimbench_sha256"
 MANIFEST = ".slimbench-manifest.json"
@@ -125,15 +127,6 @@ def drain() -> list[str]:
     out = list(NOTICES)
     NOTICES.clear()
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
 
 
 def as_user_writes(path: Path) -> None:

@@ -146,7 +146,8 @@ def _umask() -> int:
     return mask
 
 
-_UMASK = _umask()
+#: the process's umask (read once): files slimbench writes get the mode it gives any file the user writes
+UMASK = _umask()
 
 
 def write_record(results_dir: str | os.PathLike, rec: Record) -> Path:
@@ -155,7 +156,7 @@ def write_record(results_dir: str | os.PathLike, rec: Record) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a record is as readable as any file the user writes
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600; a record is as readable as any file the user writes
         with os.fdopen(fd, "w") as f:
             f.write(rec.to_json())
             f.flush()

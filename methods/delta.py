@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import blockwise, structure
+from bench import blockwise, integrity, structure
 from bench.adapters.base import get_module, set_module
 from bench.budget import count_params
 from bench.calibration import Calibration, block_grams
@@ -298,11 +298,12 @@ class DeltaLLM(Method):
             device = next(model.parameters()).device
             amp = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
                    "off": None}[k.autocast]
+            state_path, state_key = self._state_file(calibration, solution, rows, params)
             cfg = training.TrainConfig(tokens=k.train_tokens, batch_size=k.batch_size, lr=k.lr,
                                        temperature=k.temperature, pmr_start=k.pmr_start, pmr_warmup=k.pmr_warmup,
                                        seed=calibration.seed, micro_batch=k.micro_batch, autocast=amp,
-                                       curve_at=tuple(curve_at), save_every=k.save_every)
-            cfg.state_path, cfg.state_key = self._state_file(calibration, solution, rows, params)
+                                       curve_at=tuple(curve_at), state_path=state_path, state_key=state_key,
+                                       save_every=k.save_every)
             log = training.train(model, adapter, teacher, rows, params, changed, cfg, measure, calibration.report)
             tokens, seconds = log["tokens"], log["seconds"]
             if measure is not None:
@@ -351,7 +352,8 @@ class DeltaLLM(Method):
         dtype and the device), so a state is only resumed by the run that wrote it. None without a disk cache."""
         if calibration.cache_dir is None or not calibration.model_key or self.knobs.save_every <= 0:
             return None, ""
-        spec = {"model": calibration.model_key, "calibration": _digest(calibration.tokens), "rows": _digest(rows),
+        spec = {"model": calibration.model_key, "calibration": integrity.tensors_sha256({"t": calibration.tokens}),
+                "rows": integrity.tensors_sha256({"t": rows}),
                 "plan": solution.knobs, "knobs": self.result_knobs(), "dtype": str(params[0].dtype) if params else "",
                 "device": params[0].device.type if params else "", "version": training.STATE_VERSION}
         key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -370,10 +372,6 @@ class DeltaLLM(Method):
         rows, info = packed_rows(calibration.tokenizer, seq_len, steps * k.batch_size, calibration.seed, k.corpus,
                                  None if calibration.cache_dir is None else Path(calibration.cache_dir))
         return rows, {"train_data": "corpus", **info, "prepare_seconds": round(time.perf_counter() - t0, 3)}
-
-
-def _digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def trained_params(adapter, knobs: dict, train_base: bool = False) -> int:
