@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import test_faults
@@ -14,6 +14,9 @@ from test_faults import _DropLast
 
 from bench.cli import main
 from bench.records import load_records
+from bench.registry import OPERATIONAL
+from methods import _delta_train as training
+from methods.delta import DeltaLLM
 from tests.conftest import registered
 
 
@@ -48,6 +51,29 @@ class Raises(_DropLast):
         raise RuntimeError("this method always fails")
 
 
+class DeltaDiesMidTraining(DeltaLLM):
+    """DeltaLLM whose worker is SIGKILLed at training step 5 the first time (the marker file says it happened)."""
+
+    name = "test-delta-dies"
+
+    @dataclass
+    class Knobs(DeltaLLM.Knobs):
+        marker: str = field(default="", metadata=OPERATIONAL)
+
+    def compress(self, model, adapter, calibration, solution):
+        if not os.path.exists(self.knobs.marker):
+            schedule = training.replace_probability
+
+            def die_at_5(step, *args):
+                if step == 5:
+                    open(self.knobs.marker, "w").close()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return schedule(step, *args)
+
+            training.replace_probability = die_at_5  # in this worker only: the retry runs in a fresh one
+        return super().compress(model, adapter, calibration, solution)
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray")
@@ -60,7 +86,7 @@ def ray_local():
 
 @pytest.fixture
 def plugins():
-    with registered(DiesOnce, Raises):
+    with registered(DiesOnce, Raises, DeltaDiesMidTraining):
         yield
 
 
@@ -112,6 +138,23 @@ def test_a_killed_worker_is_retried_and_a_failing_cell_is_not(tmp_path, tiny_mod
     assert status[("test-raises", 0.1)] == status[("test-raises", 0.2)] == "failed"
     assert calls.read_text().count("called") == 2  # recorded failed once per cell, never retried
     assert not list((tmp_path / "results").rglob("*.claim"))
+
+
+def test_a_worker_killed_mid_training_is_retried_from_its_saved_state(tmp_path, tiny_model_dir, ray_local, plugins):
+    """A distillation whose worker dies mid-training (a preempted node) is retried by Ray, and the retry resumes
+    from the state the dead worker saved in the shared cache instead of starting over."""
+    died = tmp_path / "died"
+    argv = ["run", "--model", str(tiny_model_dir), *_args(tmp_path, tiny_model_dir, "results"), "--tasks", "none",
+            "--calib-samples", "4", "--calib-seq-len", "32", "--methods", "test-delta-dies", "--ratio", "0.2",
+            "--train-tokens", "512", "--set", "test-delta-dies.batch_size=2",
+            "--set", "test-delta-dies.save_every=0.000001", "--set", f"test-delta-dies.marker={died}",
+            "--executor", "ray", "--max-retries", "1"]
+    assert main(argv) == 0
+    assert died.exists()  # the worker really was killed mid-training
+    (rec,) = [r for r in _cells(tmp_path / "results") if r.method == "test-delta-dies"]
+    assert rec.status == "ok" and rec.cost["train_tokens"] == 512
+    assert [r["step"] for r in rec.details["train"]["resumed"]] == [5]  # the retry started where the kill was
+    assert not list((tmp_path / "cache-results").rglob("delta-train-*.safetensors"))  # done: the state is gone
 
 
 def test_two_drivers_on_one_folder_compute_each_cell_once(tmp_path, tiny_model_dir, ray_local):
