@@ -49,11 +49,13 @@ def runs(records: list[Record], board: pd.DataFrame) -> list[dict]:
             or r.environment.get("hardware", {}).get("device"),
             "autocast": train.get("autocast"), "tokens": r.cost.get("train_tokens"),
             "tokens_per_s": train.get("tokens_per_second"), "train_data": data.get("train_data"),
-            "passes": data.get("passes"), "dense_ppl": r.details.get("curve_dense_ppl"),
+            "passes": data.get("passes"), "corpus": data.get("corpus"), "corpus_tokens": data.get("corpus_tokens"),
+            "dense_ppl": r.details.get("curve_dense_ppl"),
             "points": points, "ppl": r.metrics.get("perplexity"), "kl": close.get("kl_mean"),
             "rival": None if rival is None else {"method": rival["method"], "ppl": rival["ppl"], "kl": rival["kl"]},
         })
-    return sorted(out, key=lambda c: (c["model"], c["suite"], c["method"], c["target"], c["seed"], c["tokens"] or 0))
+    return sorted(out, key=lambda c: (c["model"], c["suite"], c["method"], c["target"], c["seed"], c["tokens"] or 0,
+                                      c["corpus"] or ""))
 
 
 def _n(value, digits: int = 2) -> str:
@@ -71,15 +73,23 @@ def _tokens(n: int | None) -> str:
     return str(n)
 
 
+def _budget(c: dict) -> str:
+    """``1M tokens``, or ``1M tokens of mix-en`` for a run on a named corpus."""
+    return f"{_tokens(c['tokens'])} tokens" + (f" of {c['corpus']}" if c.get("corpus") else "")
+
+
 def title(c: dict) -> str:
-    return (f"{c['method']} at {100 * c['target']:.0f} %, seed {c['seed']}, {_tokens(c['tokens'])} tokens "
+    return (f"{c['method']} at {100 * c['target']:.0f} %, seed {c['seed']}, {_budget(c)} "
             f"({c['device'] or 'unknown device'}, autocast {c['autocast'] or '-'})")
 
 
 def verdict(c: dict) -> str:
     """The run's final figures on the suite's windows against the best other method's."""
     mine = f"Final on the suite's perplexity windows: perplexity {_n(c['ppl'])}, KL {_n(c['kl'])}"
-    data = f"trained on {c['train_data']}" + (f", {c['passes']} passes" if c.get("passes") else "")
+    data = f"trained on {c['train_data']}"
+    if c.get("corpus"):
+        data += f" {c['corpus']} ({_tokens(c.get('corpus_tokens'))} distinct tokens)"
+    data += f", {c['passes']} passes" if c.get("passes") else ""
     speed = f", {_n(c['tokens_per_s'], 0)} tokens/s" if c.get("tokens_per_s") else ""
     if c["rival"] is None:
         return f"{mine}; {data}{speed}; no other method at this ratio and seed to compare with."
@@ -119,8 +129,8 @@ def draw(ax: Axes, curves: list[dict]) -> None:
     for i, c in enumerate(curves):
         pts = [p for p in c["points"] if p.get("kl_heldout") is not None]
         ax.plot([p["tokens"] for p in pts], [p["kl_heldout"] for p in pts], marker="o", color=f"C{i % 10}",
-                label=f"{c['method']} {100 * c['target']:.0f} % s{c['seed']}, {_tokens(c['tokens'])} tokens "
-                      f"({c['device'] or '?'})")  # two runs of one cell differ by their budget
+                label=f"{c['method']} {100 * c['target']:.0f} % s{c['seed']}, {_budget(c)} "
+                      f"({c['device'] or '?'})")  # two runs of one cell differ by their budget or corpus
     ax.set_xscale("symlog", linthresh=1e4)
     ax.set_yscale("log")
     ax.set_xlabel("training tokens (symlog)")

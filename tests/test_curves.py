@@ -91,3 +91,28 @@ def test_two_budgets_of_one_cell_get_their_own_legend_entries():
     plt.close(fig)
     assert len(labels) == len(set(labels)) == 2, labels
     assert any("4k tokens" in t for t in labels) and any("16k tokens" in t for t in labels)
+
+
+def test_two_corpora_of_one_budget_are_told_apart_in_legend_titles_and_verdicts():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = []
+    for name, size in (("small-corpus", 500), ("big-corpus", 2_000_000)):
+        r = _trained()
+        r.details["train_data"] |= {"corpus": name, "corpus_tokens": size}
+        r.knob_overrides = {"train_tokens": 4000, "corpus": name}
+        runs.append(r)
+    recs = [*RECORDS[:3], *runs]
+    found = curves.runs(recs, leaderboard.frame(recs))
+    fig, ax = plt.subplots()
+    curves.draw(ax, found)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    plt.close(fig)
+    assert sorted(labels) == ["trainer 20 % s0, 4k tokens of big-corpus (cpu)",
+                              "trainer 20 % s0, 4k tokens of small-corpus (cpu)"]
+    assert [curves.title(c).split(", ")[2] for c in found] == ["4k tokens of big-corpus (cpu",
+                                                                "4k tokens of small-corpus (cpu"]
+    assert "trained on corpus big-corpus (2M distinct tokens), 3 passes" in curves.verdict(found[0])
