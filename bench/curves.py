@@ -89,7 +89,7 @@ def verdict(c: dict) -> str:
     data = f"trained on {c['train_data']}"
     if c.get("corpus"):
         data += f" {c['corpus']} ({_tokens(c.get('corpus_tokens'))} distinct tokens)"
-    data += f", {c['passes']} passes" if c.get("passes") else ""
+    data += f", {c['passes']} pass{'es' if c['passes'] != 1 else ''}" if c.get("passes") else ""
     speed = f", {_n(c['tokens_per_s'], 0)} tokens/s" if c.get("tokens_per_s") else ""
     if c["rival"] is None:
         return f"{mine}; {data}{speed}; no other method at this ratio and seed to compare with."
