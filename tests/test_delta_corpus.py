@@ -269,7 +269,7 @@ def test_bench_run_trains_on_the_corpus_and_records_the_curve(tmp_path, tiny_mod
     assert rec.details["train_data"]["train_data"] == "corpus" and rec.cost["train_tokens"] == 256
     assert rec.cost["train_seconds"] == rec.details["train"]["seconds"] > 0
     board = (tmp_path / "lb" / "leaderboard.md").read_text()  # the curve reaches the leaderboard
-    assert "## What training buys" in board and "delta at 20 %, seed 0, 256 tokens (" in board
+    assert "## What training buys" in board and "delta at 20 %, seed 0, 256 tokens of exllamav2-en (" in board
     assert list((tmp_path / "cache" / "stats" / "corpus").glob("exllamav2-en-*.safetensors"))  # tokenised once
 
 
