@@ -41,7 +41,7 @@ from bench import blockwise, integrity, structure
 from bench.adapters.base import get_module, set_module
 from bench.budget import count_params
 from bench.calibration import Calibration, block_grams
-from bench.corpus import DEFAULT_SOURCE, packed_rows
+from bench.corpus import DEFAULT_SOURCE, packed_rows, source, source_files
 from bench.errors import UserError
 from bench.evaluate.perplexity import perplexity
 from bench.placement import gib, module_bytes, of
@@ -182,6 +182,8 @@ class DeltaLLM(Method):
             raise UserError(f"delta.init must be 'svd' or 'whitened', not {k.init!r}")
         if k.train_data not in ("calibration", "corpus"):
             raise UserError(f"delta.train_data must be 'calibration' or 'corpus', not {k.train_data!r}")
+        if k.train_data == "corpus" and k.train_tokens:
+            source_files(source(k.corpus))  # an unknown corpus or one not installed is refused before any work
         if k.autocast not in ("auto", "bf16", "off"):
             raise UserError(f"delta.autocast must be 'auto', 'bf16' or 'off', not {k.autocast!r}")
         if k.group_size < 2:

