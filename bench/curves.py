@@ -50,6 +50,7 @@ def runs(records: list[Record], board: pd.DataFrame) -> list[dict]:
             "autocast": train.get("autocast"), "tokens": r.cost.get("train_tokens"),
             "tokens_per_s": train.get("tokens_per_second"), "train_data": data.get("train_data"),
             "passes": data.get("passes"), "corpus": data.get("corpus"), "corpus_tokens": data.get("corpus_tokens"),
+            "documents": data.get("documents"),
             "dense_ppl": r.details.get("curve_dense_ppl"),
             "points": points, "ppl": r.metrics.get("perplexity"), "kl": close.get("kl_mean"),
             "rival": None if rival is None else {"method": rival["method"], "ppl": rival["ppl"], "kl": rival["kl"]},
@@ -83,13 +84,27 @@ def title(c: dict) -> str:
             f"({c['device'] or 'unknown device'}, autocast {c['autocast'] or '-'})")
 
 
+def _coverage(c: dict) -> str:
+    """How much of its corpus a run read: ``, 9.5 % of one pass (no token seen twice)`` or ``, 5.4 passes``.
+
+    From the tokens trained on and the corpus's size (its tokens plus one EOS per document, as packed); a record
+    without the size gives the passes begun, a whole number.
+    """
+    tokens, size = c.get("tokens"), c.get("corpus_tokens")
+    if tokens and size:
+        share = tokens / (size + (c.get("documents") or 0))
+        return f", {100 * share:.2g} % of one pass (no token seen twice)" if share <= 1 else f", {share:.1f} passes"
+    passes = c.get("passes")
+    return f", {passes} pass{'es' if passes != 1 else ''} begun" if passes else ""
+
+
 def verdict(c: dict) -> str:
     """The run's final figures on the suite's windows against the best other method's."""
     mine = f"Final on the suite's perplexity windows: perplexity {_n(c['ppl'])}, KL {_n(c['kl'])}"
     data = f"trained on {c['train_data']}"
     if c.get("corpus"):
         data += f" {c['corpus']} ({_tokens(c.get('corpus_tokens'))} distinct tokens)"
-    data += f", {c['passes']} pass{'es' if c['passes'] != 1 else ''}" if c.get("passes") else ""
+    data += _coverage(c)
     speed = f", {_n(c['tokens_per_s'], 0)} tokens/s" if c.get("tokens_per_s") else ""
     if c["rival"] is None:
         return f"{mine}; {data}{speed}; no other method at this ratio and seed to compare with."

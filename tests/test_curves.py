@@ -100,9 +100,9 @@ def test_two_corpora_of_one_budget_are_told_apart_in_legend_titles_and_verdicts(
     import matplotlib.pyplot as plt
 
     runs = []
-    for name, size in (("small-corpus", 500), ("big-corpus", 2_000_000)):
+    for name, size, docs in (("small-corpus", 500, 300), ("big-corpus", 2_000_000, 0)):
         r = _trained()
-        r.details["train_data"] |= {"corpus": name, "corpus_tokens": size}
+        r.details["train_data"] |= {"corpus": name, "corpus_tokens": size, "documents": docs}
         r.knob_overrides = {"train_tokens": 4000, "corpus": name}
         runs.append(r)
     recs = [*RECORDS[:3], *runs]
@@ -115,4 +115,9 @@ def test_two_corpora_of_one_budget_are_told_apart_in_legend_titles_and_verdicts(
                               "trainer 20 % s0, 4k tokens of small-corpus (cpu)"]
     assert [curves.title(c).split(", ")[2] for c in found] == ["4k tokens of big-corpus (cpu",
                                                                 "4k tokens of small-corpus (cpu"]
-    assert "trained on corpus big-corpus (2M distinct tokens), 3 passes" in curves.verdict(found[0])
+    assert "trained on corpus big-corpus (2M distinct tokens), 0.2 % of one pass (no token seen twice)" in \
+        curves.verdict(found[0])
+    small = curves.verdict(found[1])
+    assert "trained on corpus small-corpus (500 distinct tokens), 5.0 passes" in small  # 4000 / (500 + 300 EOS)
+    old = [*RECORDS[:3], _trained()]  # an older record: no corpus size, only the passes begun
+    assert curves.verdict(curves.runs(old, leaderboard.frame(old))[0]).endswith("corpus, 3 passes begun, 190 tokens/s.")
