@@ -250,6 +250,8 @@ def environment(device: str) -> dict[str, Any]:
 
     import torch
 
+    from bench import hostheap
+
     versions = {}
     for pkg in ("slimbench", "torch", "transformers", "lm_eval", "datasets", "safetensors"):
         try:
@@ -259,7 +261,7 @@ def environment(device: str) -> dict[str, Any]:
     cuda = device.startswith("cuda") and torch.cuda.is_available()
     hw = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
-          "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name()}
+          "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name(), "host_heap": hostheap.policy()}
     if cuda:
         hw["gpu"] = hw["device_name"]
         hw["cuda"] = torch.version.cuda

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench import blockwise, checkpoint, data, integrity, structure
+from bench import blockwise, checkpoint, data, hostheap, integrity, structure
 from bench.adapters import get_adapter
 from bench.budget import DEFAULT_TOLERANCE, budget_report, count_block_matrix_params, count_params
 from bench.calibration import Calibration
@@ -363,7 +363,7 @@ def _compress(model, inst: Method, calib: Calibration, solution: Solution, rec: 
     rec.solution = {"knobs": solution.knobs, "predicted_params": solution.predicted_params, "notes": solution.notes}
     device = calib.placement.device
     calib.memo["log"] = []
-    with PeakMemory(device) as mem:
+    with PeakMemory(device) as mem, hostheap.reuse_freed_pages():
         t0 = time.perf_counter()
         info = inst.compress(model, adapter, calib, solution)
         seconds = time.perf_counter() - t0

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench import data
+from bench import data, hostheap
 from bench.budget import count_bytes, count_params
 from bench.evaluate import closeness
 from bench.evaluate.efficiency import PeakMemory, latency
@@ -40,7 +40,7 @@ def evaluate(model: nn.Module, tokenizer, adapter, suite: Suite, progress=None, 
     step = progress or (lambda label: None)
     device = next(model.parameters()).device
     out: dict = {"params": count_params(model), "weight_bytes": count_bytes(model)}
-    with PeakMemory(device) as mem:
+    with PeakMemory(device) as mem, hostheap.reuse_freed_pages():
         step("perplexity")
         windows = _windows(tokenizer, adapter, suite)
         usable = reference is not None and reference.windows_sha == closeness.windows_sha(windows)
