@@ -197,6 +197,8 @@ def _parser() -> argparse.ArgumentParser:
     tp.add_argument("--tasks", default=None, help="comma-separated (default: the quick suite's)")
     tp.add_argument("--limit", type=int, default=40, help="documents per task")
     tp.add_argument("--stock", action="store_true", help="also time stock lm-eval HFLM, for before and after")
+    tp.add_argument("--heap-compare", action="store_true",
+                    help="also time the passes with the C library's default heap (freed pages not kept for reuse)")
     tp.add_argument("--cache-dir", default=None)
 
     sc = sub.add_parser("scaling", help="compression seconds and peak memory per method on random-weight Llama models "
@@ -237,7 +239,8 @@ def cmd_throughput(args) -> int:
     quick = get_suite("quick")
     windows = _windows(loaded.tokenizer, get_adapter(loaded.model), quick)
     print(throughput.report(throughput.measure(loaded.model, loaded.tokenizer, tasks, args.limit, args.stock,
-                                               windows=windows, ppl_batch=_ppl_batch(quick))))
+                                               windows=windows, ppl_batch=_ppl_batch(quick),
+                                               heap_compare=args.heap_compare)))
     return 0
 
 

@@ -170,9 +170,13 @@ def test_throughput_measure_reports_every_pass(tiny_tokenizer) -> None:
     model = make_tiny("llama", vocab_size=len(tiny_tokenizer))
     windows = torch.randint(0, len(tiny_tokenizer), (3, 16), generator=torch.Generator().manual_seed(0))
     fig = throughput.measure(model, tiny_tokenizer, ["arc_easy"], 3, stock=True, windows=windows, batch=2,
-                             seq_len=8, repeats=1)
-    assert set(fig) == {"stock HFLM", "SharedContextLM", "perplexity + closeness", "raw_tokens_per_s", "raw_spread"}
+                             seq_len=8, repeats=1, heap_compare=True)
+    system = throughput.SYSTEM
+    assert set(fig) == {"stock HFLM", "SharedContextLM", "perplexity + closeness", "raw_tokens_per_s", "raw_spread",
+                        "SharedContextLM" + system, "perplexity + closeness" + system, "host_heap"}
+    assert fig["SharedContextLM" + system]["tokens"] == fig["SharedContextLM"]["tokens"]  # the same pass again
     assert fig["SharedContextLM"]["tokens"] < fig["stock HFLM"]["tokens"]  # shared contexts run once
     assert fig["perplexity + closeness"]["tokens"] == 48
     text = throughput.report(fig)
     assert "of raw" in text and "the same scores as stock HFLM" in text
+    assert text.count("the time with the system heap") == 2 and text.startswith("host heap: ")

@@ -3,17 +3,21 @@
 Zero-shot runs through lm-eval with ``SharedContextLM`` (and, with ``--stock``, with stock HFLM too); its
 tokens (real and padded) are counted in the model's forward. The perplexity pass runs the suite's windows with
 the closeness tracker, as every cell does. Then the same model runs full batches of random tokens for the raw
-tokens/s. The ratio says how close evaluation comes to the hardware's speed.
+tokens/s. The ratio says how close evaluation comes to the hardware's speed. Each pass runs with freed host
+memory kept for reuse, as a cell's evaluation does (:mod:`bench.hostheap`); ``--heap-compare`` runs the
+SharedContextLM and perplexity passes a second time with the C library's default, right after, for the ratio.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from bench import hostheap
 from bench.evaluate import closeness, zeroshot
 from bench.evaluate.perplexity import perplexity
 
@@ -87,7 +91,8 @@ def timed(model: torch.nn.Module, run) -> dict:
 
 
 def measure(model, tokenizer, tasks: list[str], limit: int, stock: bool, windows: torch.Tensor | None = None,
-            ppl_batch: int = 4, batch: int = 8, seq_len: int = 256, repeats: int = 3) -> dict:
+            ppl_batch: int = 4, batch: int = 8, seq_len: int = 256, repeats: int = 3,
+            heap_compare: bool = False) -> dict:
     """Zero-shot wall time and tokens for each backend, the perplexity pass (with the closeness tracker, as a
     cell runs it, ``ppl_batch`` windows a forward) over ``windows``, and the raw forward tokens/s measured before
     and after (their mean, so that a machine whose load changes during the run is not compared at one moment)."""
@@ -95,23 +100,33 @@ def measure(model, tokenizer, tasks: list[str], limit: int, stock: bool, windows
     reference = None if windows is None else closeness.dense_reference(model, windows, ppl_batch, None, "throughput")
     raw_before = raw_forward(model, len(tokenizer), batch, seq_len, repeats)
     out = {}
+    heaps = [("", hostheap.reuse_freed_pages)] + ([(SYSTEM, nullcontext)] if heap_compare else [])
     for name, use_stock in ([("stock HFLM", True)] if stock else []) + [("SharedContextLM", False)]:
-        out[name] = timed(model, lambda s=use_stock: zeroshot.zero_shot(model, tokenizer, tasks, limit, stock_lm=s))
+        for suffix, heap in heaps if not use_stock else heaps[:1]:
+            with heap():
+                out[name + suffix] = timed(model, lambda s=use_stock: zeroshot.zero_shot(model, tokenizer, tasks,
+                                                                                       limit, stock_lm=s))
     if reference is not None:
-        out["perplexity + closeness"] = timed(model, lambda: perplexity(
-            model, windows, batch_size=ppl_batch, observe=closeness.Tracker(reference)))
+        for suffix, heap in heaps:
+            with heap():
+                out["perplexity + closeness" + suffix] = timed(model, lambda: perplexity(
+                    model, windows, batch_size=ppl_batch, observe=closeness.Tracker(reference)))
+    out["host_heap"] = hostheap.policy()
     raw_after = raw_forward(model, len(tokenizer), batch, seq_len, repeats)
     out["raw_tokens_per_s"] = (raw_before + raw_after) / 2
     out["raw_spread"] = (raw_before, raw_after)
     return out
 
 
+SYSTEM = " (system heap)"
+
+
 def report(fig: dict) -> str:
-    lines = []
+    lines = [f"host heap: {fig['host_heap']}"] if "host_heap" in fig else []
     raw = fig["raw_tokens_per_s"]
     stock = fig.get("stock HFLM")
     for name, f in fig.items():
-        if name in ("raw_tokens_per_s", "raw_spread"):
+        if name in ("raw_tokens_per_s", "raw_spread", "host_heap"):
             continue
         lines.append(f"{name}: {f['wall_s']:.1f} s ({f['forward_s']:.1f} s in forward), {f['forwards']} forwards, {f['tokens']:,} tokens "
                      f"({f['padded_tokens']:,} with padding, {100 * f['tokens'] / max(f['padded_tokens'], 1):.0f} % "
@@ -120,6 +135,9 @@ def report(fig: dict) -> str:
         if stock is not None and name == "SharedContextLM":
             lines.append(f"  the same scores as stock HFLM in {f['wall_s'] / stock['wall_s']:.2f}x its time "
                          f"({f['tokens'] / stock['tokens']:.2f}x its tokens)")
+        if name + SYSTEM in fig:
+            lines.append(f"  freed pages reused: {f['wall_s'] / fig[name + SYSTEM]['wall_s']:.2f}x the time with "
+                         "the system heap (below)")
     before, after = fig["raw_spread"]
     lines.append(f"raw batched forward: {raw:.0f} tokens/s (before {before:.0f}, after {after:.0f})")
     return "\n".join(lines)
