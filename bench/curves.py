@@ -52,6 +52,7 @@ def runs(records: list[Record], board: pd.DataFrame) -> list[dict]:
             "passes": data.get("passes"), "corpus": data.get("corpus"), "corpus_tokens": data.get("corpus_tokens"),
             "documents": data.get("documents"),
             "dense_ppl": r.details.get("curve_dense_ppl"),
+            "heldout_windows": (r.details.get("kl_windows") or {}).get("heldout"),
             "points": points, "ppl": r.metrics.get("perplexity"), "kl": close.get("kl_mean"),
             "rival": None if rival is None else {"method": rival["method"], "ppl": rival["ppl"], "kl": rival["kl"]},
         })
@@ -127,13 +128,22 @@ INTRO = ("Runs that recorded a training curve: the model as it stood at each tok
          "alone would give; the last point is the run's result.")
 
 
+def _heldout(c: dict) -> str:
+    """What the table's held-out figures were measured on, and the dense model's perplexity there."""
+    n = c.get("heldout_windows")
+    where = f"{n} held-out calibration window{'s' if n != 1 else ''}" if n else "the held-out windows"
+    dense = f", where the dense model's perplexity is {_n(c['dense_ppl'])}" if c.get("dense_ppl") else ""
+    small = "; a small sample: compare runs by the suite's figures" if n and n < 8 else ""
+    return f" The table's figures are on {where}{dense}{small}."
+
+
 def markdown(curves: list[dict]) -> str:
     """The "What training buys" section of ``leaderboard.md``; empty when no record has a curve."""
     if not curves:
         return ""
     parts = ["## What training buys", "", INTRO, ""]
     for c in curves:
-        dense = f" Dense model on the same windows: perplexity {_n(c['dense_ppl'])}." if c["dense_ppl"] else ""
+        dense = _heldout(c)
         points = table(c).to_markdown(index=False, disable_numparse=True, colalign=["right"] * 4)
         parts += [f"### {c['model']} — suite `{c['suite']}` — {title(c)}", "", points, "", f"{verdict(c)}{dense}", ""]
     return "\n".join(parts)

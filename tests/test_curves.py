@@ -50,7 +50,7 @@ def test_markdown_lists_every_point_and_is_absent_without_curves():
     assert text.startswith("## What training buys")
     assert "| 1,000 | 2.000 | 40.00 | 5 |" in text and "| 4,000 | 1.250 | 31.50 | 21 |" in text
     assert "trainer at 20 %, seed 0, 4k tokens (cpu, autocast off)" in text
-    assert "Dense model on the same windows: perplexity 9.50" in text
+    assert "The table's figures are on the held-out windows, where the dense model's perplexity is 9.50." in text
     assert curves.markdown(curves.runs(RECORDS[:5], leaderboard.frame(RECORDS[:5]))) == ""
 
 
@@ -121,3 +121,13 @@ def test_two_corpora_of_one_budget_are_told_apart_in_legend_titles_and_verdicts(
     assert "trained on corpus small-corpus (500 distinct tokens), 5.0 passes" in small  # 4000 / (500 + 300 EOS)
     old = [*RECORDS[:3], _trained()]  # an older record: no corpus size, only the passes begun
     assert curves.verdict(curves.runs(old, leaderboard.frame(old))[0]).endswith("corpus, 3 passes begun, 190 tokens/s.")
+
+
+def test_the_held_out_sample_is_named_and_a_small_one_flagged():
+    few, many = _trained(), _trained(seed=1)
+    few.details["kl_windows"], many.details["kl_windows"] = {"heldout": 2}, {"heldout": 8}
+    recs = [*RECORDS[:3], few, many]
+    text = curves.markdown(curves.runs(recs, leaderboard.frame(recs)))
+    assert ("The table's figures are on 2 held-out calibration windows, where the dense model's perplexity is 9.50; "
+            "a small sample: compare runs by the suite's figures.") in text
+    assert "on 8 held-out calibration windows, where the dense model's perplexity is 9.50." in text
