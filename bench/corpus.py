@@ -104,13 +104,15 @@ SOURCES: dict[str, Source] = {
 }
 
 
+DEFAULT_SOURCE = "exllamav2-en"
+
+
 def mix(name: str, parts: tuple[str, ...], description: str) -> Source:
     """A source made of registered ones: their documents in order; package, licence and install are theirs."""
     srcs = [source(p) for p in parts]
     return Source(name=name, package="+".join(s.package for s in srcs), files={},
                   licence="; ".join(f"{s.name}: {s.licence}" for s in srcs),
                   install="; ".join(s.install for s in srcs), description=description, parts=parts)
-DEFAULT_SOURCE = "exllamav2-en"
 
 
 def source(name: str) -> Source:

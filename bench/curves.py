@@ -143,9 +143,8 @@ def markdown(curves: list[dict]) -> str:
         return ""
     parts = ["## What training buys", "", INTRO, ""]
     for c in curves:
-        dense = _heldout(c)
         points = table(c).to_markdown(index=False, disable_numparse=True, colalign=["right"] * 4)
-        parts += [f"### {c['model']} — suite `{c['suite']}` — {title(c)}", "", points, "", f"{verdict(c)}{dense}", ""]
+        parts += [f"### {c['model']} — suite `{c['suite']}` — {title(c)}", "", points, "", f"{verdict(c)}{_heldout(c)}", ""]
     return "\n".join(parts)
 
 

@@ -7,8 +7,8 @@ maps, faults in and zeroes the same gigabyte again: about 310,000 page faults an
 distillation step of SmolLM2-135M on 2 cores, a quarter of the step's wall time (``tests/test_hostheap.py`` has the benchmark).
 
 :func:`reuse_freed_pages` turns that off for the duration of a phase: every allocation comes from the heap
-(``M_MMAP_MAX`` 0) and freed memory stays in it (``M_TRIM_THRESHOLD`` beyond any heap), so a step reuses the last
-step's pages. On leaving, ``malloc_trim(0)`` hands the free pages back to the kernel and the thresholds go back to
+(``M_MMAP_MAX`` 0) and freed memory stays in it (``M_TRIM_THRESHOLD`` at its largest, 2 GiB free at the heap's
+top), so a step reuses the last step's pages. On leaving, ``malloc_trim(0)`` hands the free pages back to the kernel and the thresholds go back to
 the values glibc's own dynamic threshold settles at in a process that frees large tensors (32 MiB, trim at 64 MiB),
 so the next phase's peak memory starts from what is live, not from what the last phase left free. Results are
 unchanged (only where the bytes come from); the peak resident memory of the phase is its working set as before.
@@ -32,7 +32,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 SETTLED_MMAP_THRESHOLD = 32 * 1024 * 1024
 SETTLED_TRIM_THRESHOLD = 2 * SETTLED_MMAP_THRESHOLD
 DEFAULT_MMAP_MAX = 65536
-KEEP_ALL = 2**62  # a trim threshold no heap reaches
+KEEP_ALL = 2**31 - 1  # the largest trim threshold mallopt's int argument takes
 ENV_SWITCH = "SLIMBENCH_HOST_HEAP"
 
 _lock = threading.Lock()
@@ -80,10 +80,6 @@ def policy() -> str:
     return "glibc: freed pages reused within compression and evaluation, trimmed after each"
 
 
-def _mallopt(lib: ctypes.CDLL, param: int, value: int) -> None:
-    lib.mallopt(param, min(value, 2**31 - 1))  # mallopt takes an int
-
-
 @contextmanager
 def reuse_freed_pages() -> Iterator[None]:
     """Within the block, freed host memory is kept for reuse instead of unmapped; nested blocks share one setting."""
@@ -95,15 +91,15 @@ def reuse_freed_pages() -> Iterator[None]:
     with _lock:
         _depth += 1
         if _depth == 1:
-            _mallopt(lib, M_MMAP_MAX, 0)
-            _mallopt(lib, M_TRIM_THRESHOLD, KEEP_ALL)
+            lib.mallopt(M_MMAP_MAX, 0)
+            lib.mallopt(M_TRIM_THRESHOLD, KEEP_ALL)
     try:
         yield
     finally:
         with _lock:
             _depth -= 1
             if _depth == 0:
-                _mallopt(lib, M_MMAP_MAX, DEFAULT_MMAP_MAX)
-                _mallopt(lib, M_MMAP_THRESHOLD, SETTLED_MMAP_THRESHOLD)
-                _mallopt(lib, M_TRIM_THRESHOLD, SETTLED_TRIM_THRESHOLD)
+                lib.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+                lib.mallopt(M_MMAP_THRESHOLD, SETTLED_MMAP_THRESHOLD)
+                lib.mallopt(M_TRIM_THRESHOLD, SETTLED_TRIM_THRESHOLD)
                 lib.malloc_trim(0)

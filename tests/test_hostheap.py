@@ -62,7 +62,9 @@ def test_reused_pages_cut_the_page_faults_of_a_step_and_change_no_result():
     # several 100 MB tensors per step, each faulted in afresh (25,600 pages apiece) unless kept; measured on 2 cores
     assert system > STEPS * 25_600
     assert reused < system / 5, (reused, system)  # 0-18,000 a step measured against 246,000
-    assert after > system / 2  # restored on leaving: the setting does not leak into the next phase
+    # restored on leaving, the setting does not leak into the next phase: each 100 MB tensor is mapped afresh again
+    # (about half the first count: glibc's thresholds are then the settled ones, so blocks under 32 MiB stay)
+    assert after > STEPS * 25_600
 
 
 def test_the_users_allocator_settings_are_left_alone(monkeypatch):

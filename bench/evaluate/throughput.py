@@ -101,16 +101,18 @@ def measure(model, tokenizer, tasks: list[str], limit: int, stock: bool, windows
     raw_before = raw_forward(model, len(tokenizer), batch, seq_len, repeats)
     out = {}
     heaps = [("", hostheap.reuse_freed_pages)] + ([(SYSTEM, nullcontext)] if heap_compare else [])
+
+    def under(name: str, run, which=heaps) -> None:
+        for suffix, heap in which:
+            with heap():
+                out[name + suffix] = timed(model, run)
+
     for name, use_stock in ([("stock HFLM", True)] if stock else []) + [("SharedContextLM", False)]:
-        for suffix, heap in heaps if not use_stock else heaps[:1]:
-            with heap():
-                out[name + suffix] = timed(model, lambda s=use_stock: zeroshot.zero_shot(model, tokenizer, tasks,
-                                                                                       limit, stock_lm=s))
+        under(name, lambda s=use_stock: zeroshot.zero_shot(model, tokenizer, tasks, limit, stock_lm=s),
+              heaps[:1] if use_stock else heaps)
     if reference is not None:
-        for suffix, heap in heaps:
-            with heap():
-                out["perplexity + closeness" + suffix] = timed(model, lambda: perplexity(
-                    model, windows, batch_size=ppl_batch, observe=closeness.Tracker(reference)))
+        under("perplexity + closeness",
+              lambda: perplexity(model, windows, batch_size=ppl_batch, observe=closeness.Tracker(reference)))
     out["host_heap"] = hostheap.policy()
     raw_after = raw_forward(model, len(tokenizer), batch, seq_len, repeats)
     out["raw_tokens_per_s"] = (raw_before + raw_after) / 2
