@@ -24,6 +24,7 @@ import torch
 import transformers
 from torch import nn
 
+from bench import hostheap
 from bench.adapters import get_adapter
 from bench.budget import count_bytes, count_params
 from bench.calibration import Calibration
@@ -281,7 +282,7 @@ def measure(shape: Shape, method: str, knobs: dict, setup: Setup) -> Cell:
             return cell
         cell.solve_seconds = time.perf_counter() - t0
         before = torch.cuda.memory_allocated(setup.device) if cuda else _rss_bytes()
-        with PeakMemory(setup.device) as mem, PeakMemory("cpu") as host:
+        with PeakMemory(setup.device) as mem, PeakMemory("cpu") as host, hostheap.reuse_freed_pages():
             t0 = time.perf_counter()
             info = inst.compress(model, adapter, calib, solution)
             cell.compress_seconds = time.perf_counter() - t0
