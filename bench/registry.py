@@ -23,6 +23,9 @@ from bench.errors import UserError
 ENTRY_POINT_GROUP = "slimbench.methods"
 #: ``field(default=..., metadata=OPERATIONAL)`` marks a knob that cannot change a result (see Method.operational_knobs)
 OPERATIONAL = {"operational": True}
+#: ``field(default=..., metadata=KEYED_WHEN_SET)`` marks a knob added after records existed whose default is exactly the
+#: behaviour before it: at its default it stays out of the cell's key, so those records keep their keys and are reused
+KEYED_WHEN_SET = {"keyed_when_set": True}
 _REGISTRY: dict[str, type[Method]] = {}
 _DISCOVERED = False
 
@@ -81,9 +84,12 @@ class Method:
         return {f.name for f in dataclasses.fields(cls.Knobs) if f.metadata.get("operational")}
 
     def result_knobs(self) -> dict[str, Any]:
-        """The knobs that decide the result: the ones a cell's key is made of."""
+        """The knobs that decide the result: the ones a cell's key is made of. A ``KEYED_WHEN_SET`` knob counts only
+        when it differs from its default (its default reproduces what runs did before the knob existed)."""
         ops = self.operational_knobs()
-        return {k: v for k, v in self.knob_dict().items() if k not in ops}
+        later = {f.name: f.default for f in dataclasses.fields(self.Knobs) if f.metadata.get("keyed_when_set")}
+        return {k: v for k, v in self.knob_dict().items()
+                if k not in ops and not (k in later and v == later[k])}
 
     # -- to implement ------------------------------------------------------------------------
     def solve(self, adapter, ratio: float) -> Solution:

@@ -8,7 +8,8 @@ compression left alone are the same in both, so they are never swapped. The loss
     L = T^2 * mean over tokens of sum_v p_teacher(v) (log p_teacher(v) - log p_student(v)),  p = softmax(logits / T),
 
 with no hidden-state term. Only the parameters handed in train (by default the deltas A, B); AdamW, no weight
-decay (it would pull every follower towards its base), gradient norm clipped at 1. The optimiser always works on
+decay (it would pull every follower towards its base), gradient norm clipped at 1, the learning rate constant or
+warmed up and decayed (``lr_factor``). The optimiser always works on
 float32 weights: a trained parameter stored in bf16 (a model loaded in bfloat16, the default on CUDA) gets a float32
 master copy that takes its gradients and AdamW's steps and is rounded back into it after each step. Stepping the bf16
 weight itself would drop every update smaller than half its rounding step (about 0.2 % of its size), so a small
@@ -54,6 +55,10 @@ class TrainConfig:
     tokens: int
     batch_size: int = 1
     lr: float = 1e-3
+    #: "constant", or "cosine" / "linear" decay of the learning rate to 0 at the last step
+    lr_schedule: str = "constant"
+    #: fraction of the steps over which the learning rate rises linearly from 0 (before any decay)
+    lr_warmup: float = 0.0
     temperature: float = 1.0
     pmr_start: float = 0.1
     pmr_warmup: float = 0.5
@@ -98,6 +103,24 @@ def replace_probability(step: int, steps: int, start: float, warmup: float) -> f
     if ramp <= 0 or step >= ramp:
         return 1.0
     return start + (1.0 - start) * step / ramp
+
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def lr_factor(step: int, steps: int, schedule: str, warmup: float) -> float:
+    """The learning rate of step ``step`` (0-based) of ``steps`` as a fraction of the peak: a linear rise over the
+    first ``warmup * steps`` steps (step 0 already takes a 1/n share, so no step is wasted), then ``schedule``:
+    constant, or a cosine or linear decay that reaches 0 after the last step."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; one of {LR_SCHEDULES}")
+    ramp = int(round(warmup * steps))
+    if step < ramp:
+        return (step + 1) / ramp
+    if schedule == "constant":
+        return 1.0
+    done = (step - ramp) / max(steps - ramp, 1)  # 0 at the first step after the warm-up, < 1 at the last
+    return 0.5 * (1.0 + math.cos(math.pi * done)) if schedule == "cosine" else 1.0 - done
 
 
 def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -225,6 +248,8 @@ def train(model: nn.Module, adapter, teacher: nn.Module, windows: torch.Tensor, 
                     loss += part_loss.item()
                     _to_masters(copies)  # each slice's gradient summed in float32, not in the parameter's dtype
                 torch.nn.utils.clip_grad_norm_(weights, cfg.max_grad_norm)
+                for group in opt.param_groups:  # set from the step alone, so a resumed run takes the same rates
+                    group["lr"] = cfg.lr * lr_factor(step, steps, cfg.lr_schedule, cfg.lr_warmup)
                 opt.step()
                 with torch.no_grad():
                     for param, copy in copies:
@@ -255,6 +280,7 @@ def train(model: nn.Module, adapter, teacher: nn.Module, windows: torch.Tensor, 
     seconds = before + time.perf_counter() - start - paused
     log = {"steps": steps, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
            "batch_windows": cfg.batch_size, "micro_batch": micro, "seq_len": int(windows.shape[1]), "lr": cfg.lr,
+           "lr_schedule": {"shape": cfg.lr_schedule, "warmup": cfg.lr_warmup},
            "autocast": str(autocast_dtype(device, cfg.autocast) or "off").replace("torch.", ""),
            "param_dtype": str(params[0].dtype).replace("torch.", "") if params else None,
            "master_copies": len(copies), "state_saves": saves, "resumed": resumed,

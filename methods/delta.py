@@ -45,7 +45,7 @@ from bench.corpus import DEFAULT_SOURCE, packed_rows, source, source_files
 from bench.errors import UserError
 from bench.evaluate.perplexity import perplexity
 from bench.placement import gib, module_bytes, of
-from bench.registry import OPERATIONAL, CompressionInfo, Method, Solution, register
+from bench.registry import KEYED_WHEN_SET, OPERATIONAL, CompressionInfo, Method, Solution, register
 from methods import _delta_train as training
 from methods._whiten import whitening_workspace
 
@@ -145,6 +145,10 @@ class DeltaLLM(Method):
         train_tokens: int = 16384
         #: AdamW learning rate of the deltas
         lr: float = 1e-3
+        #: learning-rate schedule: "constant" (the peak throughout), "cosine" or "linear" (decay to 0 at the end)
+        lr_schedule: str = field(default="constant", metadata=KEYED_WHEN_SET)
+        #: fraction of the steps over which the learning rate rises linearly to ``lr`` first
+        lr_warmup: float = field(default=0.0, metadata=KEYED_WHEN_SET)
         #: calibration windows per training step
         batch_size: int = 1
         #: softmax temperature of the KL distillation loss (scaled by T^2)
@@ -186,6 +190,10 @@ class DeltaLLM(Method):
             source_files(source(k.corpus))  # an unknown corpus or one not installed is refused before any work
         if k.autocast not in ("auto", "bf16", "off"):
             raise UserError(f"delta.autocast must be 'auto', 'bf16' or 'off', not {k.autocast!r}")
+        if k.lr_schedule not in training.LR_SCHEDULES:
+            raise UserError(f"delta.lr_schedule must be one of {', '.join(training.LR_SCHEDULES)}, not {k.lr_schedule!r}")
+        if not 0.0 <= k.lr_warmup < 1.0:
+            raise UserError(f"delta.lr_warmup is a fraction of the steps in [0, 1), not {k.lr_warmup}")
         if k.group_size < 2:
             raise UserError("delta.group_size must be >= 2 (a base and at least one follower)")
         unknown = sorted(set(k.shared) - set(adapter.kinds()))
@@ -302,6 +310,7 @@ class DeltaLLM(Method):
                    "off": None}[k.autocast]
             state_path, state_key = self._state_file(calibration, solution, rows, params)
             cfg = training.TrainConfig(tokens=k.train_tokens, batch_size=k.batch_size, lr=k.lr,
+                                       lr_schedule=k.lr_schedule, lr_warmup=k.lr_warmup,
                                        temperature=k.temperature, pmr_start=k.pmr_start, pmr_warmup=k.pmr_warmup,
                                        seed=calibration.seed, micro_batch=k.micro_batch, autocast=amp,
                                        curve_at=tuple(curve_at), state_path=state_path, state_key=state_key,

@@ -11,7 +11,7 @@ from bench.adapters import get_adapter
 from bench.budget import count_params
 from bench.errors import UserError
 from bench.registry import Solution
-from methods._delta_train import hybrid, replace_probability
+from methods._delta_train import hybrid, lr_factor, replace_probability
 from methods.delta import DeltaLinear, DeltaLLM, block_groups, plan, svd_factors
 
 
@@ -82,6 +82,10 @@ def test_out_of_reach_and_bad_knobs_are_refused(family):
         DeltaLLM(shared=["nope"]).solve(adapter, 0.1)
     with pytest.raises(UserError, match="group_size"):
         DeltaLLM(group_size=1).solve(adapter, 0.1)
+    with pytest.raises(UserError, match="lr_schedule must be one of constant, cosine, linear"):
+        DeltaLLM(lr_schedule="step").solve(adapter, 0.1)
+    with pytest.raises(UserError, match="lr_warmup"):
+        DeltaLLM(lr_warmup=1.0).solve(adapter, 0.1)
     assert DeltaLLM().solve(adapter, 0.0).knobs["kinds"] == []
 
 
@@ -217,6 +221,40 @@ def test_pmr_schedule_rises_linearly_then_stays_at_one():
     assert replace_probability(50, 100, 0.1, 0.5) == 1.0
     assert replace_probability(99, 100, 0.1, 0.5) == 1.0
     assert replace_probability(0, 100, 0.1, 0.0) == 1.0
+
+
+def test_learning_rate_schedules_warm_up_then_decay_to_zero_after_the_last_step():
+    assert [lr_factor(s, 10, "constant", 0.0) for s in range(10)] == [1.0] * 10
+    warm = [lr_factor(s, 100, "constant", 0.2) for s in range(100)]
+    assert warm[:20] == pytest.approx([(s + 1) / 20 for s in range(20)]) and warm[19:] == [1.0] * 81
+    for shape in ("cosine", "linear"):
+        rates = [lr_factor(s, 100, shape, 0.1) for s in range(100)]
+        assert rates[9] == 1.0 and rates[10] == 1.0  # the peak at the end of the warm-up and the first decay step
+        assert all(a > b for a, b in zip(rates[10:], rates[11:], strict=False)) and 0 < rates[-1] < 0.03
+    assert lr_factor(55, 100, "cosine", 0.1) == pytest.approx(0.5)  # halfway through the decay
+    assert lr_factor(55, 100, "linear", 0.1) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(0, 10, "step", 0.0)
+
+
+@pytest.mark.parametrize("shape", ["constant", "cosine"])
+def test_each_step_trains_at_the_scheduled_rate(monkeypatch, shape):
+    """The rate AdamW steps with is lr x the schedule's factor at that step (24 steps of one window)."""
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    model = make_tiny("llama", num_hidden_layers=6)
+    method = DeltaLLM(train_tokens=768, lr=2e-3, eval_windows=2, lr_schedule=shape, lr_warmup=0.25)
+    adapter = get_adapter(model)
+    info = method.compress(model, adapter, tiny_calibration(), method.solve(adapter, 0.2))
+    assert seen == pytest.approx([2e-3 * lr_factor(s, 24, shape, 0.25) for s in range(24)])
+    assert seen[0] == pytest.approx(2e-3 / 6) and max(seen) == pytest.approx(2e-3)
+    assert info.details["train"]["lr_schedule"] == {"shape": shape, "warmup": 0.25}
 
 
 def test_hybrid_with_every_block_from_the_teacher_is_the_teacher(family):

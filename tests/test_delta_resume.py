@@ -30,11 +30,13 @@ def _run(cache, dtype=torch.float32, **knobs):
     return weights, info.details
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_killed_training_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, dtype):
+@pytest.mark.parametrize("dtype, knobs", [(torch.float32, {}), (torch.bfloat16, {}),
+                                          (torch.float32, {"lr_schedule": "cosine", "lr_warmup": 0.25})])
+def test_a_killed_training_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, dtype, knobs):
     """Killed at step 6 with the last state saved after step 3: the rerun starts at step 3, redoes 3-5, and ends
-    with the same weights, losses and curve as a run never stopped (bit for bit, on one machine)."""
-    ref, ref_details = _run(None, dtype)
+    with the same weights, losses and curve as a run never stopped (bit for bit, on one machine); with a warmed-up,
+    decaying learning rate too (the rate is set from the step, not carried by a scheduler)."""
+    ref, ref_details = _run(None, dtype, **knobs)
     save, schedule = training.save_state, training.replace_probability
 
     def save_at_3(path, key, weights, opt, gen, log):
@@ -48,11 +50,11 @@ def test_a_killed_training_resumes_to_the_uninterrupted_result(tmp_path, monkeyp
     monkeypatch.setattr(training, "save_state", save_at_3)
     monkeypatch.setattr(training, "replace_probability", kill_at_6)
     with pytest.raises(Killed):
-        _run(tmp_path, dtype)
+        _run(tmp_path, dtype, **knobs)
     states = list(tmp_path.glob("delta-train-*.safetensors"))
     assert len(states) == 1
     monkeypatch.setattr(training, "replace_probability", schedule)
-    got, details = _run(tmp_path, dtype)
+    got, details = _run(tmp_path, dtype, **knobs)
     train, ref_train = details["train"], ref_details["train"]
     assert [r["step"] for r in train["resumed"]] == [3] and train["resumed"][0]["tokens"] == 3 * 64
     assert ref_train["resumed"] == [] and ref_train["state_saves"] == 0  # no cache: nothing saved
@@ -134,7 +136,12 @@ def test_the_state_key_follows_every_result_knob_but_not_the_save_interval(tmp_p
         return DeltaLLM(**knobs)._state_file(calib, sol, rows, params)[1]
 
     assert key() == key(save_every=5.0)
-    assert len({key(), key(lr=2e-3), key(train_tokens=1024), key(pmr_warmup=0.3)}) == 4
+    assert len({key(), key(lr=2e-3), key(train_tokens=1024), key(pmr_warmup=0.3), key(lr_schedule="cosine"),
+                key(lr_warmup=0.1)}) == 6
+    # knobs added later leave the key of a run at their default as it was before they existed
+    assert key() == key(lr_schedule="constant", lr_warmup=0.0)
+    assert "lr_schedule" in DeltaLLM().knob_dict() and "lr_schedule" not in DeltaLLM().result_knobs()
+    assert DeltaLLM(lr_schedule="cosine").result_knobs()["lr_schedule"] == "cosine"
     assert DeltaLLM(save_every=0)._state_file(calib, sol, rows, params) == (None, "")
     assert "save_every" in DeltaLLM().knob_dict() and "save_every" not in DeltaLLM().result_knobs()
     assert DeltaLLM.operational_knobs() == {"save_every"}
