@@ -50,14 +50,15 @@ def runs(records: list[Record], board: pd.DataFrame) -> list[dict]:
             "autocast": train.get("autocast"), "tokens": r.cost.get("train_tokens"),
             "tokens_per_s": train.get("tokens_per_second"), "train_data": data.get("train_data"),
             "passes": data.get("passes"), "corpus": data.get("corpus"), "corpus_tokens": data.get("corpus_tokens"),
-            "documents": data.get("documents"),
+            "documents": data.get("documents"), "lr": train.get("lr"),
+            "lr_schedule": (train.get("lr_schedule") or {}).get("shape", "constant"),  # older records: constant
             "dense_ppl": r.details.get("curve_dense_ppl"),
             "heldout_windows": (r.details.get("kl_windows") or {}).get("heldout"),
             "points": points, "ppl": r.metrics.get("perplexity"), "kl": close.get("kl_mean"),
             "rival": None if rival is None else {"method": rival["method"], "ppl": rival["ppl"], "kl": rival["kl"]},
         })
     return sorted(out, key=lambda c: (c["model"], c["suite"], c["method"], c["target"], c["seed"], c["tokens"] or 0,
-                                      c["corpus"] or ""))
+                                      c["corpus"] or "", c["lr_schedule"], c["lr"] or 0))
 
 
 def _n(value, digits: int = 2) -> str:
@@ -75,9 +76,18 @@ def _tokens(n: int | None) -> str:
     return str(n)
 
 
+#: the learning rate a run trains at unless told otherwise (DeltaLLM's default); other rates are named in titles
+DEFAULT_LR = 1e-3
+
+
 def _budget(c: dict) -> str:
-    """``1M tokens``, or ``1M tokens of mix-en`` for a run on a named corpus."""
-    return f"{_tokens(c['tokens'])} tokens" + (f" of {c['corpus']}" if c.get("corpus") else "")
+    """``1M tokens``, ``1M tokens of mix-en`` for a run on a named corpus, and ``, lr 1e-3 cosine`` after it for a
+    run whose learning rate was not the default's constant 1e-3 (so two schedules of one budget are told apart)."""
+    text = f"{_tokens(c['tokens'])} tokens" + (f" of {c['corpus']}" if c.get("corpus") else "")
+    shape, lr = c.get("lr_schedule") or "constant", c.get("lr")
+    if shape != "constant" or (lr is not None and lr != DEFAULT_LR):
+        text += f", lr {lr:g} {shape}" if lr is not None else f", lr {shape}"
+    return text
 
 
 def title(c: dict) -> str:

@@ -123,6 +123,22 @@ def test_two_corpora_of_one_budget_are_told_apart_in_legend_titles_and_verdicts(
     assert curves.verdict(curves.runs(old, leaderboard.frame(old))[0]).endswith("corpus, 3 passes begun, 190 tokens/s.")
 
 
+def test_two_learning_rate_schedules_of_one_budget_are_told_apart():
+    runs = []
+    for shape, lr in (("constant", 1e-3), ("cosine", 1e-3), ("constant", 3e-4)):
+        r = _trained()
+        r.details["train"] = dict(r.details["train"], lr=lr, lr_schedule={"shape": shape, "warmup": 0.0})
+        r.knob_overrides = {"train_tokens": 4000, "lr": lr, "lr_schedule": shape}
+        runs.append(r)
+    old = _trained()  # a record from before schedules: constant at its recorded rate
+    old.details["train"] = {k: v for k, v in old.details["train"].items() if k != "lr_schedule"} | {"lr": 1e-3}
+    recs = [*RECORDS[:3], *runs]
+    titles = sorted(curves.title(c) for c in curves.runs(recs, leaderboard.frame(recs)))
+    assert len(set(titles)) == 3
+    assert [t.split(" (")[0].split("4k tokens")[1] for t in titles] == ["", ", lr 0.0003 constant", ", lr 0.001 cosine"]
+    assert curves.title(curves.runs([*RECORDS[:3], old], leaderboard.frame([*RECORDS[:3], old]))[0]) == titles[0]
+
+
 def test_the_held_out_sample_is_named_and_a_small_one_flagged():
     few, many = _trained(), _trained(seed=1)
     few.details["kl_windows"], many.details["kl_windows"] = {"heldout": 2}, {"heldout": 8}
