@@ -156,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="recompute cells that already have a complete record")
     r.add_argument("--no-cache", action="store_true", help="recompute everything: no reused records, no stored or "
                                                          "shared calibration statistics (to measure the caches)")
+    r.add_argument("--rescore", action="store_true", help="reused records written without per-window perplexity "
+                   "and KL get them from their cells' checkpoints (for `bench compare`'s paired SEs); a checkpoint "
+                   "that does not reproduce its record is reported and left alone")
     _ray_flags(r, "local")
 
     sw = sub.add_parser("sweep", help="run the grid a sweep file describes (see sweeps/default.toml)")
@@ -167,6 +170,8 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--no-save", action="store_true", help="do not keep compressed checkpoints")
     sw.add_argument("--force", action="store_true", help="recompute cells that already have a complete record")
     sw.add_argument("--no-cache", action="store_true", help="recompute everything (see bench run --help)")
+    sw.add_argument("--rescore", action="store_true", help="add per-window figures to reused records (see bench run "
+                                                           "--help)")
     _ray_flags(sw, None)  # given here, they override the sweep file's
 
     lb = sub.add_parser("leaderboard", help="regenerate leaderboard/ from the records in results/")
@@ -226,7 +231,7 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_throughput(args) -> int:
     from bench.adapters import get_adapter
     from bench.evaluate import throughput
-    from bench.evaluate.suite_eval import _ppl_batch, _windows
+    from bench.evaluate.suite_eval import ppl_batch, suite_windows
     from bench.evaluate.zeroshot import resolve_tasks
     from bench.models import load_model
     from bench.suites import TASKS, get_suite
@@ -237,9 +242,9 @@ def cmd_throughput(args) -> int:
         raise UserError(f"--limit {args.limit}: give a positive number of documents per task")
     loaded = load_model(args.model, "auto", "auto", args.cache_dir)
     quick = get_suite("quick")
-    windows = _windows(loaded.tokenizer, get_adapter(loaded.model), quick)
+    windows = suite_windows(loaded.tokenizer, get_adapter(loaded.model), quick)
     print(throughput.report(throughput.measure(loaded.model, loaded.tokenizer, tasks, args.limit, args.stock,
-                                               windows=windows, ppl_batch=_ppl_batch(quick),
+                                               windows=windows, ppl_batch=ppl_batch(quick),
                                                heap_compare=args.heap_compare)))
     return 0
 
@@ -334,6 +339,9 @@ def run_config(args):
     for flag, folder in (("--results-dir", args.results_dir), ("--leaderboard-dir", args.leaderboard_dir),
                          ("--cache-dir", str(cache_dir(args.cache_dir)))):
         _writable(folder, flag)
+    if args.rescore and (args.force or args.no_cache):
+        raise UserError(f"--rescore adds figures to reused records and {'--force' if args.force else '--no-cache'} "
+                        "reuses none: give one of them")
     locate(args.model, cache_dir(args.cache_dir))  # a missing or damaged model is refused here, not mid-run
     _executor(args)  # Ray missing or a bad per-cell resource: refused before any work
     return RunConfig(model=args.model, methods=methods, ratios=_floats(args.ratio), seeds=_ints(args.seeds),
@@ -341,7 +349,7 @@ def run_config(args):
                      cache=args.cache_dir, results_dir=args.results_dir, save_checkpoints=not args.no_save,
                      tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance, force=args.force,
                      record_refusals=args.methods == "all", no_cache=args.no_cache, offload=args.offload,
-                     device_memory=args.device_memory, engine=args.engine)
+                     device_memory=args.device_memory, engine=args.engine, rescore=args.rescore)
 
 
 def cmd_run(args, cfg=None) -> int:
@@ -380,6 +388,7 @@ def cmd_sweep(args) -> int:
              "--leaderboard-dir", args.leaderboard_dir]
     extra += (["--cache-dir", args.cache_dir] if args.cache_dir else []) + (["--no-save"] if args.no_save else [])
     extra += (["--force"] if args.force else []) + (["--no-cache"] if args.no_cache else [])
+    extra += ["--rescore"] if args.rescore else []
     for flag in ("--executor", "--address", "--cpus-per-cell", "--gpus-per-cell", "--memory-per-cell", "--max-retries"):
         value = getattr(args, flag[2:].replace("-", "_"))
         extra += [flag, str(value)] if value is not None else []

@@ -3,8 +3,11 @@
 lm-eval gives each task's standard error over its documents, sqrt(p(1 - p) / (n - 1)); the unweighted mean over
 k tasks has SE = sqrt(sum SE_i^2) / k (shown as information). Verdicts are paired (``bench.stats``): both cells
 answered the same documents, so B - A is judged by the SE of the per-document differences and McNemar's test on
-the documents that flip, read from the records' side files. Perplexity, latency and size have no SE here, only
-their spread over seeds.
+the documents that flip, read from the records' side files. Perplexity, KL to the dense model and top-1 agreement
+are paired over the perplexity windows both records scored (each record keeps every window's mean NLL, KL and
+agreement): the SE of the per-window differences, judged against Student's t with (windows - 1) degrees of
+freedom, since a suite has few windows (16 in ``quick``). Perplexity is judged on the mean NLL, its SE shown in
+perplexity units (delta method). Latency and size have no SE here, only their spread over seeds.
 """
 
 from __future__ import annotations
@@ -86,6 +89,36 @@ class Metric:
     higher_is_better: bool = True
     digits: int = 3
     scale: float = 1.0
+    windows: Callable[[Record], list | None] | None = None  # the metric window by window, paired over windows
+    log_scale: bool = False  # ``windows`` holds the log of the metric (perplexity: mean NLL per window)
+
+
+def window_values(r: Record, where: str, key: str) -> list[float] | None:
+    """A record's per-window list ``metrics[where][key]`` (None for records written before windows were kept)."""
+    values = (r.metrics.get(where) or {}).get(key)
+    if not isinstance(values, list) or len(values) < 2 or not all(_number(v) is not None for v in values):
+        return None
+    return [float(v) for v in values]
+
+
+def _windows_sha(r: Record) -> str | None:
+    return ((r.metrics.get("closeness") or {}).get("reference") or {}).get("windows_sha")
+
+
+def paired_windows(metric: Metric, a: list[Record], b: list[Record]) -> tuple[stats.Paired, int] | None:
+    """B - A of ``metric``'s per-window values pooled over the record pairs, with the fewest windows of a pair;
+    None unless every pair scored the same windows (same count, same token hash where both record it)."""
+    per_pair, fewest = [], None
+    for x, y in zip(a, b, strict=True):
+        wa, wb = metric.windows(x), metric.windows(y)
+        if wa is None or wb is None or len(wa) != len(wb):
+            return None
+        sa, sb = _windows_sha(x), _windows_sha(y)
+        if sa and sb and sa != sb:
+            return None
+        per_pair.append(stats.paired_diff(wa, wb))
+        fewest = len(wa) if fewest is None else min(fewest, len(wa))
+    return stats.over_seeds(per_pair), fewest
 
 
 @dataclass
@@ -101,6 +134,7 @@ class Row:
     verdict: str
     digits: int = 3
     p_mcnemar: float | None = None  # exact McNemar p-value of the documents that flip
+    windows: int | None = None  # paired over this many perplexity windows (per record pair)
 
 
 def _metrics(a: list[Record], b: list[Record]) -> list[Metric]:
@@ -121,11 +155,12 @@ def _metrics(a: list[Record], b: list[Record]) -> list[Metric]:
 
     return [*map(task, tasks),
             Metric("mean_acc", m("mean_acc"), stats.paired_mean),
-            Metric("perplexity", m("perplexity"), higher_is_better=False, digits=2),
+            Metric("perplexity", m("perplexity"), higher_is_better=False, digits=2, log_scale=True,
+                   windows=lambda r: window_values(r, "perplexity_detail", "window_nll")),
             Metric("KL to dense", lambda r: _number((r.metrics.get("closeness") or {}).get("kl_mean")),
-                   higher_is_better=False, digits=4),
+                   higher_is_better=False, digits=4, windows=lambda r: window_values(r, "closeness", "window_kl")),
             Metric("top-1 agreement", lambda r: _number((r.metrics.get("closeness") or {}).get("top1_agreement")),
-                   digits=4),
+                   digits=4, windows=lambda r: window_values(r, "closeness", "window_top1")),
             Metric("achieved ratio (%)", lambda r: _number(r.budget.get("achieved_ratio")), digits=1, scale=100),
             Metric("params (M)", m("params"), higher_is_better=False, digits=2, scale=1e-6),
             Metric("prefill (ms)", timed("prefill_ms"), higher_is_better=False, digits=1),
@@ -154,13 +189,44 @@ def rows(a: list[Record], b: list[Record], docs_a: list[dict | None] | None = No
             out.append(Row(metric.name, *mean, None, None, None, "", metric.digits))
             continue
         diffs = [metric.scale * (y - x) for x, y in zip(av, bv, strict=True)]
-        p = _paired(metric, docs_a, docs_b)
         diff = statistics.fmean(diffs)
-        out.append(Row(metric.name, metric.scale * statistics.fmean(av), metric.scale * statistics.fmean(bv), diff,
-                       p.se if p else None, statistics.stdev(diffs) if len(diffs) > 1 else None,
+        mean_a, mean_b = metric.scale * statistics.fmean(av), metric.scale * statistics.fmean(bv)
+        seed_sd = statistics.stdev(diffs) if len(diffs) > 1 else None
+        if metric.windows is not None:
+            out.append(_window_row(metric, a, b, mean_a, mean_b, diff, seed_sd))
+            continue
+        p = _paired(metric, docs_a, docs_b)
+        out.append(Row(metric.name, mean_a, mean_b, diff, p.se if p else None, seed_sd,
                        verdict(diff, p.se if p else None, metric.higher_is_better), metric.digits,
                        p.p_mcnemar if p else None))
     return out
+
+
+def t_critical(df: int) -> float:
+    """Two-sided 95 % critical value of Student's t with ``df`` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(1 - (1 - 0.95) / 2, df))
+
+
+def _window_row(metric: Metric, a: list[Record], b: list[Record], mean_a: float, mean_b: float, diff: float,
+                seed_sd: float | None) -> Row:
+    """A metric paired over the perplexity windows. A log-scale metric (perplexity) is judged on the per-window
+    mean NLL and its SE shown in the metric's units by the delta method: SE(ppl_B - ppl_A) ~ sqrt(ppl_A ppl_B)
+    SE(nll_B - nll_A)."""
+    found = paired_windows(metric, a, b)
+    if found is None:
+        return Row(metric.name, mean_a, mean_b, diff, None, seed_sd, "", metric.digits)
+    p, n = found
+    crit = t_critical(n - 1)
+    test = p.diff if metric.log_scale else metric.scale * p.diff
+    se = metric.scale * p.se
+    shown = math.sqrt(max(mean_a, 0.0) * max(mean_b, 0.0)) * se if metric.log_scale else se
+    if abs(test) <= crit * se:
+        said = "within noise"
+    else:
+        said = "B better" if (test > 0) == metric.higher_is_better else "A better"
+    return Row(metric.name, mean_a, mean_b, diff, shown, seed_sd, said, metric.digits, windows=n)
 
 
 @dataclass
@@ -176,8 +242,17 @@ def _docs_note(records: list[Record]) -> str:
         return ""
     n = f"{docs[0]}" if len(docs) == 1 else f"{docs[0]}-{docs[-1]}"
     return (f"{n} documents per task. SE(B-A) is paired over the documents both answered (seeds pooled as a second"
-            f" level); verdict: |B-A| <= {Z} SE is within noise; McNemar p: exact test on the documents that flip."
-            f" Perplexity, KL, size and speed have no SE.")
+            f" level); verdict: |B-A| <= {Z} SE is within noise; McNemar p: exact test on the documents that flip.")
+
+
+def _windows_note(rows_: list[Row]) -> str:
+    paired = [r for r in rows_ if r.windows]
+    if not paired:
+        return ("Perplexity, KL and top-1 agreement have no SE: a record has no per-window figures (written before "
+                "they were kept; `bench run ... --rescore` adds them from the cell's checkpoint).")
+    n = min(r.windows for r in paired)
+    return (f"Perplexity, KL and top-1 agreement: SE paired over the {n} perplexity windows, within noise when |B-A| <="
+            f" t({n - 1}) = {t_critical(n - 1):.2f} SE (perplexity judged on the mean NLL). Size and speed have no SE.")
 
 
 def _comparison(title: str, a: list[Record], b: list[Record], docs_a: list[dict | None],
@@ -188,7 +263,9 @@ def _comparison(title: str, a: list[Record], b: list[Record], docs_a: list[dict 
     ta, tb = set(a[0].metrics.get("tasks") or {}), set(b[0].metrics.get("tasks") or {})
     if ta != tb:
         notes.append(f"different tasks ({', '.join(sorted(ta ^ tb))} in one only): mean_acc averages different tasks")
-    return Comparison(title, rows(a, b, docs_a, docs_b), [n for n in notes if n])
+    found = rows(a, b, docs_a, docs_b)
+    notes.append(_windows_note(found))
+    return Comparison(title, found, [n for n in notes if n])
 
 
 def _load_file(path: str) -> Record:

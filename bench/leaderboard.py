@@ -176,8 +176,9 @@ def noise_legend(records: list[Record]) -> str:
             f"added); Δbest is that difference with its SE; an empty mark is clearly worse. KL = mean KL divergence "
             f"of the next-token distribution from the dense model's on the perplexity windows (p99: its 99th "
             f"percentile over positions), top-1 agr = share of positions where both predict the same token, flip = "
-            f"share of zero-shot documents whose correctness differs from the dense model's. Perplexity has no "
-            f"error bar: records keep only its total NLL and token count. prefill_ms and decode_tok_s read \"-\" where "
+            f"share of zero-shot documents whose correctness differs from the dense model's. Perplexity, KL and top-1 "
+            f"agr have no error bar in this table: `bench compare A B` pairs them over the perplexity windows (records "
+            f"keep each window's figures; older ones get them with `bench run ... --rescore`). prefill_ms and decode_tok_s read \"-\" where "
             f"the measurement is in doubt (its repeats more than {SPREAD_LIMIT:g}x apart, or a CPU host's load average "
             f"above {LOAD_LIMIT:g}x its cores): the CSV's latency_note says why and what was measured.{docs_line}")
 

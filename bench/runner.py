@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench import blockwise, checkpoint, data, hostheap, integrity, structure
+from bench import blockwise, checkpoint, data, hostheap, integrity, rescore, structure
 from bench.adapters import get_adapter
 from bench.budget import DEFAULT_TOLERANCE, budget_report, count_block_matrix_params, count_params
 from bench.calibration import Calibration
@@ -64,6 +64,8 @@ class RunConfig:
     device_memory: float | None = None
     #: "blockwise" (statistics one block at a time) or "whole" (the whole-model reference path)
     engine: str = "blockwise"
+    #: reused records without per-window perplexity/KL get them from their checkpoints (``bench.rescore``)
+    rescore: bool = False
 
 
 @dataclass
@@ -202,7 +204,7 @@ def _try_cell(cfg: RunConfig, cell: Cell, rec: Record, state: _State, instances,
               events: Events, dense_params: int, dense_linear: int) -> Record | None:
     """Reuse, refuse or compute one cell; None when another live process is computing it."""
     existing = _existing(cfg, rec)
-    if existing is not None:
+    if existing is not None and not (cfg.rescore and rescore.needs(existing)):
         events.done(cell, existing, record_path(cfg.results_dir, existing), reused=True)
         return existing
     path = record_path(cfg.results_dir, rec)
@@ -211,6 +213,8 @@ def _try_cell(cfg: RunConfig, cell: Cell, rec: Record, state: _State, instances,
     try:
         existing = _existing(cfg, rec)  # finished by another process between the look and the claim
         if existing is not None:
+            if cfg.rescore and rescore.needs(existing):
+                _rescore(cfg, cell, existing, state, model_key, events)
             events.done(cell, existing, path, reused=True)
             return existing
         if (cell.method, cell.ratio) in refused:
@@ -230,6 +234,27 @@ def _try_cell(cfg: RunConfig, cell: Cell, rec: Record, state: _State, instances,
         state.claims.release(path)
     events.done(cell, rec, path, reused=False)
     return rec
+
+
+def _rescore(cfg: RunConfig, cell: Cell, rec: Record, state: _State, model_key: str, events: Events) -> None:
+    """Add the per-window figures to a reused record from its checkpoint and write it back; a checkpoint that is
+    gone or no longer reproduces the record is reported and the record kept as it was."""
+    events.cell(cell, "rescoring from its checkpoint")
+    dense = state.loaded.model if state.loaded.model is not None else place(cfg, state.placement)[0].model
+    try:
+        with blockwise.streaming(dense, get_adapter(dense), state.placement):
+            reference = dense_reference(dense, state.loaded.tokenizer, get_adapter(dense), cfg.suite,
+                                        cache_dir(cfg.cache), model_key)
+        checked = rescore.rescore(rec, reference, cfg.suite, state.placement)
+    except UserError as err:
+        events.info(f"{cell.method} @ {cell.ratio:.2f} seed {cell.seed}: not rescored: {err}")
+        return
+    finally:
+        if dense is not state.loaded.model:
+            del dense
+    write_record(cfg.results_dir, rec)
+    events.info(f"{cell.method} @ {cell.ratio:.2f} seed {cell.seed}: per-window figures added from its checkpoint "
+                f"(perplexity {checked['perplexity']:.4f} reproduced)")
 
 
 def _compute(cfg: RunConfig, cell: Cell, rec: Record, state: _State, inst: Method | None, solutions, model_key: str,

@@ -42,6 +42,25 @@ def test_kl_is_exact_with_the_whole_vocabulary_and_unbiased_with_top_k_and_tail_
         assert torch.equal(agree, dense.argmax(-1) == other.argmax(-1))
 
 
+def test_per_window_kl_and_agreement_are_each_windows_mean_in_order(family) -> None:
+    model = make_tiny(family)
+    ref = closeness.dense_reference(model, WINDOWS, 2, None, f"windows-{family}")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tracker = closeness.Tracker(ref)
+    perplexity(model, WINDOWS, batch_size=2, observe=tracker)
+    got = tracker.summary()
+    kl = torch.cat(tracker.kl).double().view(3, 23)
+    assert got["window_kl"] == pytest.approx(kl.mean(-1).tolist(), rel=1e-12)
+    assert got["window_kl"][0] != pytest.approx(got["window_kl"][1])  # really per window, not one value
+    assert sum(got["window_kl"]) / 3 == pytest.approx(got["kl_mean"], rel=1e-9)
+    assert sum(got["window_top1"]) / 3 == pytest.approx(got["top1_agreement"], rel=1e-9)
+    # the dense model's own summary from the reference pass has them too (zero KL, full agreement)
+    own = ref.dense_eval["closeness"]
+    assert len(own["window_kl"]) == 3 and own["window_top1"] == [1.0, 1.0, 1.0]
+
+
 def test_kl_grows_with_a_perturbation_and_agreement_falls() -> None:
     model = make_tiny("llama")
     ref = closeness.dense_reference(model, WINDOWS, 2, None, "perturb")

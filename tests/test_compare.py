@@ -224,3 +224,46 @@ def test_compare_leaves_out_a_latency_in_doubt(tmp_path):
     rows = _by_metric(c)
     assert rows["prefill (ms)"].a == 100.0 and rows["prefill (ms)"].b is None and rows["prefill (ms)"].diff is None
     assert rows["perplexity"].b == 20.0  # the rest of the record is compared as before
+
+
+def _windowed(method: str, nll: list[float], kl: list[float], sha: str = "w1") -> Record:
+    """A record whose perplexity and KL are the means of its per-window figures, as the evaluator writes them."""
+    r = _rec(method, 0.2, ppl=math.exp(sum(nll) / len(nll)))
+    r.metrics["perplexity_detail"] = {"nll": sum(nll) / len(nll), "window_nll": nll}
+    r.metrics["closeness"] = {"kl_mean": sum(kl) / len(kl), "top1_agreement": 0.5, "window_kl": kl,
+                              "window_top1": [0.5] * len(kl), "reference": {"windows_sha": sha}}
+    return r
+
+
+def test_perplexity_and_kl_are_paired_over_windows_with_students_t():
+    base = [3.0, 3.4, 2.8, 3.1]
+    a = _windowed("a", base, [0.5, 0.7, 0.4, 0.6])
+    # B - A per window: mean 0.25, SE 0.119: 2.1 SE, beyond 1.96 but within t(3) = 3.18, so within noise
+    b = _windowed("b", [x + d for x, d in zip(base, (0.1, 0.5, 0.0, 0.4), strict=True)], [0.6, 0.8, 0.5, 0.7])
+    rows = {r.metric: r for r in compare.rows([a], [b])}
+    d = stats.paired_diff(base, b.metrics["perplexity_detail"]["window_nll"])
+    assert d.diff == pytest.approx(0.25) and 1.96 < d.diff / d.se < compare.t_critical(3) == pytest.approx(3.182, abs=1e-3)
+    ppl = rows["perplexity"]
+    assert ppl.windows == 4 and ppl.verdict == "within noise"
+    mean = sum(base) / 4
+    assert ppl.diff == pytest.approx(math.exp(mean + 0.25) - math.exp(mean))
+    assert ppl.se == pytest.approx(math.sqrt(math.exp(mean) * math.exp(mean + 0.25)) * d.se)  # delta method
+    kl = rows["KL to dense"]  # every window 0.1 worse: SE 0, B clearly worse
+    assert kl.diff == pytest.approx(0.1) and kl.se == pytest.approx(0.0, abs=1e-12) and kl.verdict == "A better"
+    assert rows["top-1 agreement"].verdict == "within noise"  # equal everywhere
+    # a consistent shift of every window is a verdict, however small
+    c = _windowed("c", [x + 0.01 for x in base], [0.5, 0.7, 0.4, 0.6])
+    assert {r.metric: r for r in compare.rows([a], [c])}["perplexity"].verdict == "A better"
+
+
+def test_windows_pair_only_when_both_records_scored_the_same_windows():
+    a = _windowed("a", [3.0, 3.4, 2.8, 3.1], [0.5, 0.7, 0.4, 0.6])
+    other = _windowed("b", [3.5, 3.9, 3.3, 3.6], [0.6, 0.8, 0.5, 0.7], sha="w2")
+    rows = {r.metric: r for r in compare.rows([a], [other])}
+    assert rows["perplexity"].se is None and rows["perplexity"].verdict == "" and rows["perplexity"].windows is None
+    old = _rec("old", 0.2)  # written before windows were kept
+    (c,) = [compare._comparison("t", [a], [old], [None], [None])]
+    assert {r.metric: r for r in c.rows}["KL to dense"].se is None
+    assert any("--rescore" in n for n in c.notes)
+    (c,) = [compare._comparison("t", [a], [_windowed("b", [3.5] * 4, [0.6] * 4)], [None], [None])]
+    assert any("paired over the 4 perplexity windows" in n and "t(3) = 3.18" in n for n in c.notes)

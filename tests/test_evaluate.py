@@ -86,6 +86,9 @@ def test_perplexity_matches_direct_cross_entropy() -> None:
     assert result["perplexity"] == pytest.approx(math.exp(nll), rel=1e-6)
     assert seen == [2, 2, 1]
     assert perplexity(model, windows, batch_size=5)["nll"] == pytest.approx(result["nll"], rel=1e-9)
+    per_window = F.cross_entropy(logits[:, :-1].transpose(1, 2), windows[:, 1:], reduction="none").mean(-1)
+    assert result["window_nll"] == pytest.approx(per_window.tolist(), rel=1e-6)  # window order, equal weights
+    assert sum(result["window_nll"]) / 5 == pytest.approx(result["nll"], rel=1e-12)
 
 
 def test_uniform_logits_give_perplexity_equal_to_vocab_size() -> None:

@@ -91,6 +91,7 @@ class Tracker:
         self.pos = 0
         self.kl: list[torch.Tensor] = []
         self.agree: list[torch.Tensor] = []
+        self.window_len = 0  # predicted positions per window, so the summary can pair models window by window
 
     def __call__(self, logp: torch.Tensor, batch: torch.Tensor) -> None:
         for row in logp:  # row by row: each row's [:-1] is a view, the batch's would be copied to flatten it
@@ -100,13 +101,18 @@ class Tracker:
             self.kl.append(kl.cpu())
             self.agree.append(agree.cpu())
             self.pos += len(pred)
+            self.window_len = len(pred)
 
     def summary(self) -> dict:
         kl, agree = torch.cat(self.kl), torch.cat(self.agree)
         finite = torch.isfinite(kl)
+        windows = len(kl) // self.window_len if self.window_len else 0
         return {"kl_mean": float(kl.double().mean()), "kl_p99": float(torch.quantile(kl[finite].double(), 0.99))
                 if finite.any() else float("nan"), "top1_agreement": float(agree.double().mean()),
                 "positions": len(kl), "topk": self.ref.logp.shape[-1], "tail_samples": self.ref.tail_ids.shape[-1],
+                # each window's mean, in window order (all windows are equally long): paired SEs in `bench compare`
+                "window_kl": kl.double().view(windows, -1).mean(-1).tolist() if windows else [],
+                "window_top1": agree.double().view(windows, -1).mean(-1).tolist() if windows else [],
                 "kl_note": "KL(dense || model): exact over the dense top-k tokens, the rest estimated without bias "
                            "from tokens drawn from the dense tail",
                 "reference": {"source": self.ref.source, "seconds": self.ref.seconds,
@@ -122,7 +128,10 @@ class _Collect:
     kl: list[torch.Tensor] = field(default_factory=list)
     agree: list[torch.Tensor] = field(default_factory=list)
 
+    window_len: int = 0
+
     def __call__(self, logp: torch.Tensor, batch: torch.Tensor) -> None:
+        self.window_len = logp.shape[1] - 1
         pred = logp[:, :-1].reshape(-1, logp.shape[-1])
         summary = summarise(pred, seed=len(self.parts), normalised=True)
         self.parts.append(tuple(t.cpu() for t in summary))
@@ -133,7 +142,7 @@ class _Collect:
     def reference(self, sha: str, seconds: float, ppl: dict) -> Reference:
         ref = Reference(*(torch.cat(parts) for parts in zip(*self.parts, strict=True)), sha, "computed", seconds)
         own = Tracker(ref)
-        own.kl, own.agree = self.kl, self.agree
+        own.kl, own.agree, own.window_len = self.kl, self.agree, self.window_len
         ref.dense_eval = {"perplexity": ppl, "closeness": own.summary()}
         return ref
 

@@ -19,7 +19,8 @@ def perplexity(
 ) -> dict:
     """exp(mean next-token NLL) over `windows` [n, L]; each window scores its tokens 1..L-1.
 
-    Returns `perplexity`, `nll` (mean per predicted token, nats), `tokens` and `windows`. A
+    Returns `perplexity`, `nll` (mean per predicted token, nats), `tokens`, `windows` and `window_nll` (each
+    window's mean NLL, in window order: two models scored on the same windows pair by window). A
     model that produces NaN or inf logits yields NaN or inf rather than an exception.
     `progress(k)` is called after each batch with the number of windows just scored; `observe(logp, batch)`
     sees each batch's next-token log-probabilities (float32, log-softmax of the logits, computed once for both)
@@ -30,7 +31,7 @@ def perplexity(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    nll_sum = torch.zeros((), dtype=torch.float64)
+    per_window: list[torch.Tensor] = []
     try:
         with torch.inference_mode():
             for start in range(0, len(windows), batch_size):
@@ -39,18 +40,20 @@ def perplexity(
                 if observe is not None:
                     observe(logp, batch)
                 token_nll = -logp[:, :-1].gather(-1, batch[:, 1:, None]).squeeze(-1)
-                nll_sum += token_nll.double().sum().cpu()
+                per_window.append(token_nll.double().sum(-1).cpu())
                 if progress is not None:
                     progress(len(batch))
     finally:
         model.train(was_training)
     tokens = windows.shape[0] * (windows.shape[1] - 1)
-    mean_nll = nll_sum.item() / tokens
+    sums = torch.cat(per_window)
+    mean_nll = sums.sum().item() / tokens
     return {
         "perplexity": _safe_exp(mean_nll),
         "nll": mean_nll,
         "tokens": tokens,
         "windows": int(windows.shape[0]),
+        "window_nll": (sums / (windows.shape[1] - 1)).tolist(),
     }
 
 

@@ -17,18 +17,18 @@ from bench.evaluate.zeroshot import mean_accuracy, zero_shot
 from bench.suites import Suite
 
 
-def _windows(tokenizer, adapter, suite: Suite) -> torch.Tensor:
+def suite_windows(tokenizer, adapter, suite: Suite) -> torch.Tensor:
     return data.perplexity_windows(tokenizer, suite.ppl_seq_len, suite.ppl_windows, add_bos=adapter.needs_bos)
 
 
-def _ppl_batch(suite: Suite) -> int:
+def ppl_batch(suite: Suite) -> int:
     return max(1, suite.eval_batch_size // 2)
 
 
 def dense_reference(model: nn.Module, tokenizer, adapter, suite: Suite, cache: Path | None,
                     model_key: str) -> closeness.Reference:
     """The dense model's next-token reference on the suite's perplexity windows (cached; see ``closeness``)."""
-    return closeness.dense_reference(model, _windows(tokenizer, adapter, suite), _ppl_batch(suite), cache, model_key)
+    return closeness.dense_reference(model, suite_windows(tokenizer, adapter, suite), ppl_batch(suite), cache, model_key)
 
 
 def evaluate(model: nn.Module, tokenizer, adapter, suite: Suite, progress=None, seed: int = 1234,
@@ -42,14 +42,14 @@ def evaluate(model: nn.Module, tokenizer, adapter, suite: Suite, progress=None, 
     out: dict = {"params": count_params(model), "weight_bytes": count_bytes(model)}
     with PeakMemory(device) as mem, hostheap.reuse_freed_pages():
         step("perplexity")
-        windows = _windows(tokenizer, adapter, suite)
+        windows = suite_windows(tokenizer, adapter, suite)
         usable = reference is not None and reference.windows_sha == closeness.windows_sha(windows)
         if usable and dense and reference.dense_eval is not None:
             ppl = reference.dense_eval["perplexity"] | {"pass": "shared with the dense reference's forward"}
             out["closeness"] = reference.dense_eval["closeness"]
         else:
             tracker = closeness.Tracker(reference) if usable else None
-            ppl = perplexity(model, windows, batch_size=_ppl_batch(suite), observe=tracker)
+            ppl = perplexity(model, windows, batch_size=ppl_batch(suite), observe=tracker)
             if tracker is not None:
                 out["closeness"] = tracker.summary()
         out["perplexity"] = ppl["perplexity"]
