@@ -25,7 +25,10 @@ from bench.claims import Claims
 from bench.placement import gram_bytes, of
 
 #: bump when a statistic's definition changes, so stored ones are not reused
-STATS_VERSION = 2  # 2: files carry a content digest
+STATS_VERSION = 3  # 2: files carry a content digest; 3: and what computing the statistic cost (COST_KEY)
+#: the tensor beside a stored statistic holding the seconds its computation took, so a cell that reuses it can
+#: count that cost as its own (compression time must not depend on which cell of a run came first)
+COST_KEY = "_compute_seconds"
 #: seconds between looks at a statistic another process is computing
 WAIT_POLL = 1.0
 _CLAIMS: Claims | None = None
@@ -83,10 +86,20 @@ class Calibration:
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
         return Path(self.cache_dir) / f"{name}-{key}.safetensors"
 
-    def log(self, name: str, source: str, seconds: float = 0.0, **extra) -> None:
-        """Say where statistic ``name`` came from and what getting it cost (what a cache hit saves is
-        the ``seconds`` of the cell that computed it minus its own); ``extra``: how (engine, streamed)."""
+    def log(self, name: str, source: str, seconds: float = 0.0, cost: float | None = None, **extra) -> None:
+        """Say where statistic ``name`` came from and what getting it cost here (``seconds``; what a cache hit
+        saves is the computing cell's seconds minus its own) and what computing it cost (``compute_seconds``:
+        these ``seconds`` when computed here, else the computing cell's, remembered in memory or read with the
+        file as ``cost``; None for a file stored before costs were kept); ``extra``: how (engine, streamed)."""
+        costs = self.memo.setdefault("cost", {})
+        if source == "computed":
+            costs[name] = cost = seconds
+        elif source == "memory":
+            cost = costs.get(name)
+        elif cost is not None:
+            costs[name] = cost
         self.memo.setdefault("log", []).append({"statistic": name, "source": source, "seconds": round(seconds, 3),
+                                                "compute_seconds": None if cost is None else round(cost, 3),
                                                 **extra})
 
     def describe(self) -> dict:
@@ -138,9 +151,10 @@ def collect_grams(model: nn.Module, adapter, calib: Calibration, progress: Progr
     path = calib.stats_path("grams", adapter)
     stored = _load(path, placement.home)
     if stored is not None:
+        cost = _pop_cost(stored)
         grams = {(int(k.split(".")[0]), k.split(".", 1)[1]): v for k, v in stored.items()}
         calib.memo["grams"] = grams
-        calib.log("grams", f"disk {path}", time.perf_counter() - t0)
+        calib.log("grams", f"disk {path}", time.perf_counter() - t0, cost)
         return grams
     try:
         if placement.engine == "whole":
@@ -151,8 +165,9 @@ def collect_grams(model: nn.Module, adapter, calib: Calibration, progress: Progr
                 for b, stats in step.stats.items():
                     grams.update({(b, role): g.to(placement.home) for role, g in stats["grams"].items()})
         calib.memo["grams"] = grams
-        calib.log("grams", "computed", time.perf_counter() - t0, engine=placement.engine, kept=True)
-        _store(path, {f"{b}.{role}": g for (b, role), g in grams.items()})
+        seconds = time.perf_counter() - t0
+        calib.log("grams", "computed", seconds, engine=placement.engine, kept=True)
+        _store(path, {f"{b}.{role}": g for (b, role), g in grams.items()}, seconds)
     finally:
         _release(path)
     return grams
@@ -223,7 +238,7 @@ def collect_block_cosines(model: nn.Module, adapter, calib: Calibration, progres
     stored = _load(path, "cpu")
     if stored is not None:
         calib.memo[name] = stored["cosines"]
-        calib.log(name, f"disk {path}", time.perf_counter() - t0)
+        calib.log(name, f"disk {path}", time.perf_counter() - t0, _pop_cost(stored))
         return stored["cosines"]
     placement = of(calib, model)
     pieces = [calib] if whole else [Calibration(tokens=group, batch_size=calib.batch_size)
@@ -240,8 +255,9 @@ def collect_block_cosines(model: nn.Module, adapter, calib: Calibration, progres
                     sums[i], counts[i] = stats["block_cosine"]
         result = sums / counts.clamp(min=1)
         calib.memo[name] = result
-        calib.log(name, "computed", time.perf_counter() - t0, engine=placement.engine)
-        _store(path, {"cosines": result})
+        seconds = time.perf_counter() - t0
+        calib.log(name, "computed", seconds, engine=placement.engine)
+        _store(path, {"cosines": result}, seconds)
     finally:
         _release(path)
     return result
@@ -319,11 +335,18 @@ def _release(path: Path | None) -> None:
         _CLAIMS.release(path)
 
 
-def _store(path: Path | None, tensors: dict[str, torch.Tensor]) -> None:
-    """Write atomically with a content digest; too large, a full disk or a read-only cache: memory only."""
+def _pop_cost(stored: dict[str, torch.Tensor]) -> float | None:
+    """The seconds computing a stored statistic took (removed from ``stored``); None for an older file."""
+    cost = stored.pop(COST_KEY, None)
+    return None if cost is None else float(cost)
+
+
+def _store(path: Path | None, tensors: dict[str, torch.Tensor], seconds: float) -> None:
+    """Write atomically with a content digest and the ``seconds`` computing it took; too large, a full disk or a
+    read-only cache: memory only."""
     try:
         if path is None or sum(t.numel() * t.element_size() for t in tensors.values()) > MAX_CACHE_BYTES:
             return
-        integrity.save_tensors(path, tensors)
+        integrity.save_tensors(path, tensors | {COST_KEY: torch.tensor(seconds, dtype=torch.float64)})
     finally:
         _release(path)  # the file is there (or never will be): processes waiting on the claim go on

@@ -68,7 +68,7 @@ def frame(records: list[Record], docs: list[dict | None] | None = None) -> pd.Da
             "decode_tok_s": None if doubt else m.get("decode_tokens_per_s"),
             "latency_note": f"not compared: {doubt} (measured {m.get('prefill_ms'):.0f} ms prefill, "
                             f"{m.get('decode_tokens_per_s'):.2f} tokens/s)" if doubt else None,
-            "compress_s": r.cost.get("compress_seconds"), "train_tokens": r.cost.get("train_tokens"),
+            "compress_s": compress_seconds(r.cost), "train_tokens": r.cost.get("train_tokens"),
             "status": _status(r, ref),
             "_knobs": json.dumps(r.knob_overrides, sort_keys=True, default=str), "_row": i,
         }
@@ -83,6 +83,20 @@ def frame(records: list[Record], docs: list[dict | None] | None = None) -> pd.Da
     df = df.sort_values(["model", "suite", "_dense", "target", "mean_acc"], ascending=[True, True, True, True, False],
                         na_position="last")
     return df.drop(columns=["_dense", "_knobs", "_row"]).reset_index(drop=True)
+
+
+def compress_seconds(cost: dict) -> float | None:
+    """The cell's compression seconds with the statistics it reused counted at what computing them cost, so the
+    figure does not depend on which cell of a run computed them; None when a reused statistic's cost is unknown
+    (records from before it was kept) or the record has no compression cost (the dense model)."""
+    own = cost.get("compress_seconds")
+    if own is None:
+        return None
+    log = cost.get("statistics") or []
+    if not any(e.get("source") != "computed" for e in log):
+        return own
+    reused = cost.get("statistics_reused_seconds")
+    return None if reused is None else own + reused
 
 
 def _mb(part: dict, *keys: str) -> float:
@@ -180,7 +194,10 @@ def noise_legend(records: list[Record]) -> str:
             f"agr have no error bar in this table: `bench compare A B` pairs them over the perplexity windows (records "
             f"keep each window's figures; older ones get them with `bench run ... --rescore`). prefill_ms and decode_tok_s read \"-\" where "
             f"the measurement is in doubt (its repeats more than {SPREAD_LIMIT:g}x apart, or a CPU host's load average "
-            f"above {LOAD_LIMIT:g}x its cores): the CSV's latency_note says why and what was measured.{docs_line}")
+            f"above {LOAD_LIMIT:g}x its cores): the CSV's latency_note says why and what was measured. compress_s counts "
+            f"the calibration statistics a cell used at what computing them cost, whether it computed them or reused "
+            f"them from another cell or the cache; \"-\" where a reused statistic's cost was not recorded (records "
+            f"from before it was kept: recompute with --no-cache).{docs_line}")
 
 
 def _budget_flag(r: Record) -> str:

@@ -398,12 +398,23 @@ def _compress(model, inst: Method, calib: Calibration, solution: Solution, rec: 
                 "compress_peak_host_source": mem.host_source, "train_tokens": info.train_tokens,
                 "train_seconds": info.train_seconds,
                 "calibration_tokens": calib.n_tokens,
-                "statistics": list(calib.memo.get("log", []))}  # computed, or reused from memory or disk
+                "statistics": list(calib.memo.get("log", [])),  # computed, or reused from memory or disk
+                # what computing the statistics this cell reused cost (None: one was stored before costs were kept)
+                "statistics_reused_seconds": reused_cost(calib.memo.get("log", []))}
     rec.calibration = calib.describe()
     rec.details.update(info.details)
     # a ranking that needs the data (jointdrop's joint list) settles its counts in compress
     rec.solution = {"knobs": solution.knobs, "predicted_params": solution.predicted_params, "notes": solution.notes}
     rec.details["structure_ops"] = len(structure.structure_log(model))
+
+
+def reused_cost(log: list[dict]) -> float | None:
+    """The compute seconds of the statistics a cell reused (from memory or disk) instead of computing; None when one
+    of them does not say (stored before costs were kept)."""
+    reused = [e for e in log if e.get("source") != "computed"]
+    if any(e.get("compute_seconds") is None for e in reused):
+        return None
+    return sum(e["compute_seconds"] for e in reused)
 
 
 def _save(model, tokenizer, rec: Record, cfg: RunConfig) -> None:

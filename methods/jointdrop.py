@@ -15,6 +15,7 @@ the counts are fixed from the budget with attention first, then MLP, and each ki
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -85,7 +86,9 @@ def sublayer_importance(model: nn.Module, adapter, calibration: Calibration) -> 
     attention add, also with Gemma-style post-norms); Y_mlp = block output.
     """
     if "sublayer_importance" in calibration.memo:
+        calibration.log("sublayer_importance", "memory")
         return calibration.memo["sublayer_importance"]
+    t0 = time.perf_counter()
     placement = of(calibration, model)
     n = adapter.num_blocks
     if placement.engine == "whole":
@@ -99,6 +102,7 @@ def sublayer_importance(model: nn.Module, adapter, calibration: Calibration) -> 
                 sums["attn"][i], sums["mlp"][i], tokens[i] = got["attn"], got["mlp"], got["tokens"]
     result = {k: [1.0 - s / max(t, 1) for s, t in zip(v, tokens, strict=True)] for k, v in sums.items()}
     calibration.memo["sublayer_importance"] = result
+    calibration.log("sublayer_importance", "computed", time.perf_counter() - t0, engine=placement.engine)
     return result
 
 

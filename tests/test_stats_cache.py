@@ -4,10 +4,13 @@ is damaged, and the record says where each statistic came from."""
 import torch
 from conftest import make_tiny, tiny_calibration
 
+from bench import integrity
 from bench.adapters import get_adapter
-from bench.calibration import Calibration, collect_block_cosines, collect_grams
+from bench.calibration import COST_KEY, Calibration, collect_block_cosines, collect_grams
 from bench.cli import main
+from bench.leaderboard import compress_seconds
 from bench.records import load_records
+from bench.runner import reused_cost
 
 
 def _calib(tmp_path, seed=0, key="model-a"):
@@ -75,3 +78,39 @@ def test_a_second_command_reads_the_statistics_from_disk(tmp_path, tiny_model_di
     by = {r.method: r for r in load_records(tmp_path / "results")[0]}
     assert [(e["statistic"], e["source"]) for e in by["basis"].cost["statistics"]] == [("grams", "computed")]
     assert dense_file.stat().st_mtime_ns != stamp
+
+
+def test_a_reused_statistic_carries_what_computing_it_cost(tmp_path):
+    model = make_tiny("llama")
+    adapter = get_adapter(model)
+    first = _calib(tmp_path)
+    collect_grams(model, adapter, first)
+    collect_grams(model, adapter, first)  # memory: the cost is remembered, the time here is 0
+    computed, memory = first.memo["log"]
+    assert computed["compute_seconds"] == computed["seconds"] > 0
+    assert memory["seconds"] == 0.0 and memory["compute_seconds"] == computed["compute_seconds"]
+    again = _calib(tmp_path)  # another command: from disk, with the cost stored in the file
+    grams = collect_grams(model, adapter, again)
+    (disk,) = again.memo["log"]
+    assert disk["source"].startswith("disk ") and disk["compute_seconds"] == computed["compute_seconds"]
+    assert COST_KEY not in grams and all(isinstance(k, tuple) for k in grams)
+    assert reused_cost(again.memo["log"]) == disk["compute_seconds"] and reused_cost(first.memo["log"][:1]) == 0
+    # a file stored before costs were kept: the hit says it does not know
+    path = again.stats_path("grams", adapter)
+    old = integrity.load_tensors(path)
+    old.pop(COST_KEY)
+    integrity.save_tensors(path, old)
+    older = _calib(tmp_path)
+    collect_grams(model, adapter, older)
+    assert older.memo["log"][0]["compute_seconds"] is None and reused_cost(older.memo["log"]) is None
+
+
+def test_the_leaderboard_counts_reused_statistics_at_their_cost():
+    computed = {"statistic": "grams", "source": "computed", "seconds": 12.0, "compute_seconds": 12.0}
+    reused = {"statistic": "grams", "source": "memory", "seconds": 0.0, "compute_seconds": 12.0}
+    assert compress_seconds({"compress_seconds": 14.0, "statistics": [computed]}) == 14.0
+    assert compress_seconds({"compress_seconds": 2.0, "statistics": [reused], "statistics_reused_seconds": 12.0}) \
+        == 14.0  # the same cost whichever cell computed the Grams
+    # an older record: a statistic reused at an unknown cost gives no figure rather than a flattering one
+    assert compress_seconds({"compress_seconds": 0.003, "statistics": [reused | {"compute_seconds": None}]}) is None
+    assert compress_seconds({"compress_seconds": 5.0}) == 5.0 and compress_seconds({}) is None

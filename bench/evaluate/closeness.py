@@ -178,7 +178,7 @@ def dense_reference(model: torch.nn.Module, windows: torch.Tensor, batch_size: i
             collect = _Collect()
             ppl = perplexity(model, windows, batch_size=batch_size, observe=collect)
             ref = collect.reference(sha, time.perf_counter() - t0, ppl)
-            _store(path, ref.tensors())  # verified store; releases the claim _load took
+            _store(path, ref.tensors(), ref.seconds)  # verified store; releases the claim _load took
         finally:
             _release(path)
     if memo_key is not None:
