@@ -107,6 +107,15 @@ class Calibration:
                 "seed": self.seed, "tokens": self.n_tokens}
 
 
+def reused_cost(log: list[dict]) -> float | None:
+    """The compute seconds of the statistics a :meth:`Calibration.log` shows reused (from memory or disk) instead of
+    computed: 0 when none was; None when one of them does not say (stored before costs were kept)."""
+    reused = [e for e in log if e.get("source") != "computed"]
+    if any(e.get("compute_seconds") is None for e in reused):
+        return None
+    return sum(e["compute_seconds"] for e in reused)
+
+
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

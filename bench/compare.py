@@ -63,10 +63,11 @@ def pooled_se(ses: list[float | None]) -> float | None:
     return math.sqrt(sum(se * se for se in ses) / len(ses))
 
 
-def verdict(diff: float | None, se: float | None, higher_is_better: bool = True) -> str:
+def verdict(diff: float | None, se: float | None, higher_is_better: bool = True, crit: float = Z) -> str:
+    """B - A within ``crit`` SEs of 0 is within noise; else which side is better."""
     if diff is None or se is None:
         return ""
-    if abs(diff) <= Z * se:
+    if abs(diff) <= crit * se:
         return "within noise"
     return "B better" if (diff > 0) == higher_is_better else "A better"
 
@@ -101,7 +102,8 @@ def window_values(r: Record, where: str, key: str) -> list[float] | None:
     return [float(v) for v in values]
 
 
-def _windows_sha(r: Record) -> str | None:
+def recorded_windows_sha(r: Record) -> str | None:
+    """The hash of the perplexity windows ``r`` was scored on, where its closeness section records it."""
     return ((r.metrics.get("closeness") or {}).get("reference") or {}).get("windows_sha")
 
 
@@ -113,7 +115,7 @@ def paired_windows(metric: Metric, a: list[Record], b: list[Record]) -> tuple[st
         wa, wb = metric.windows(x), metric.windows(y)
         if wa is None or wb is None or len(wa) != len(wb):
             return None
-        sa, sb = _windows_sha(x), _windows_sha(y)
+        sa, sb = recorded_windows_sha(x), recorded_windows_sha(y)
         if sa and sb and sa != sb:
             return None
         per_pair.append(stats.paired_diff(wa, wb))
@@ -218,14 +220,10 @@ def _window_row(metric: Metric, a: list[Record], b: list[Record], mean_a: float,
     if found is None:
         return Row(metric.name, mean_a, mean_b, diff, None, seed_sd, "", metric.digits)
     p, n = found
-    crit = t_critical(n - 1)
     test = p.diff if metric.log_scale else metric.scale * p.diff
     se = metric.scale * p.se
     shown = math.sqrt(max(mean_a, 0.0) * max(mean_b, 0.0)) * se if metric.log_scale else se
-    if abs(test) <= crit * se:
-        said = "within noise"
-    else:
-        said = "B better" if (test > 0) == metric.higher_is_better else "A better"
+    said = verdict(test, se, metric.higher_is_better, t_critical(n - 1))
     return Row(metric.name, mean_a, mean_b, diff, shown, seed_sd, said, metric.digits, windows=n)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from bench import curves, stats
+from bench.calibration import reused_cost
 from bench.compare import DENSE, label, main_acc, mean_acc_se
 from bench.evaluate import docs as docs_io
 from bench.evaluate.efficiency import LOAD_LIMIT, SPREAD_LIMIT, latency_doubt
@@ -90,13 +91,8 @@ def compress_seconds(cost: dict) -> float | None:
     figure does not depend on which cell of a run computed them; None when a reused statistic's cost is unknown
     (records from before it was kept) or the record has no compression cost (the dense model)."""
     own = cost.get("compress_seconds")
-    if own is None:
-        return None
-    log = cost.get("statistics") or []
-    if not any(e.get("source") != "computed" for e in log):
-        return own
-    reused = cost.get("statistics_reused_seconds")
-    return None if reused is None else own + reused
+    reused = reused_cost(cost.get("statistics") or [])
+    return None if own is None or reused is None else own + reused
 
 
 def _mb(part: dict, *keys: str) -> float:

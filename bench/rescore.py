@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bench import blockwise, checkpoint
 from bench.adapters import get_adapter
+from bench.compare import recorded_windows_sha
 from bench.errors import UserError
 from bench.evaluate import closeness
 from bench.evaluate.perplexity import perplexity
@@ -54,7 +55,7 @@ def rescore(rec: Record, reference: closeness.Reference, suite: Suite, placement
     adapter = get_adapter(model)
     windows = suite_windows(tokenizer, adapter, suite)
     sha = closeness.windows_sha(windows)
-    recorded = ((rec.metrics.get("closeness") or {}).get("reference") or {}).get("windows_sha")
+    recorded = recorded_windows_sha(rec)
     if sha != reference.windows_sha or (recorded and recorded != sha):
         raise UserError(f"the suite's perplexity windows ({sha}) are not the ones the record was scored on "
                         f"({recorded}); recompute it with --force")

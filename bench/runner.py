@@ -18,7 +18,7 @@ import torch
 from bench import blockwise, checkpoint, data, hostheap, integrity, rescore, structure
 from bench.adapters import get_adapter
 from bench.budget import DEFAULT_TOLERANCE, budget_report, count_block_matrix_params, count_params
-from bench.calibration import Calibration
+from bench.calibration import Calibration, reused_cost
 from bench.claims import Claims
 from bench.errors import UserError
 from bench.evaluate import docs
@@ -241,17 +241,15 @@ def _rescore(cfg: RunConfig, cell: Cell, rec: Record, state: _State, model_key: 
     gone or no longer reproduces the record is reported and the record kept as it was."""
     events.cell(cell, "rescoring from its checkpoint")
     dense = state.loaded.model if state.loaded.model is not None else place(cfg, state.placement)[0].model
+    adapter = get_adapter(dense)
     try:
-        with blockwise.streaming(dense, get_adapter(dense), state.placement):
-            reference = dense_reference(dense, state.loaded.tokenizer, get_adapter(dense), cfg.suite,
-                                        cache_dir(cfg.cache), model_key)
+        with blockwise.streaming(dense, adapter, state.placement):
+            reference = dense_reference(dense, state.loaded.tokenizer, adapter, cfg.suite, cache_dir(cfg.cache),
+                                        model_key)
         checked = rescore.rescore(rec, reference, cfg.suite, state.placement)
     except UserError as err:
         events.info(f"{cell.method} @ {cell.ratio:.2f} seed {cell.seed}: not rescored: {err}")
         return
-    finally:
-        if dense is not state.loaded.model:
-            del dense
     write_record(cfg.results_dir, rec)
     events.info(f"{cell.method} @ {cell.ratio:.2f} seed {cell.seed}: per-window figures added from its checkpoint "
                 f"(perplexity {checked['perplexity']:.4f} reproduced)")
@@ -406,15 +404,6 @@ def _compress(model, inst: Method, calib: Calibration, solution: Solution, rec: 
     # a ranking that needs the data (jointdrop's joint list) settles its counts in compress
     rec.solution = {"knobs": solution.knobs, "predicted_params": solution.predicted_params, "notes": solution.notes}
     rec.details["structure_ops"] = len(structure.structure_log(model))
-
-
-def reused_cost(log: list[dict]) -> float | None:
-    """The compute seconds of the statistics a cell reused (from memory or disk) instead of computing; None when one
-    of them does not say (stored before costs were kept)."""
-    reused = [e for e in log if e.get("source") != "computed"]
-    if any(e.get("compute_seconds") is None for e in reused):
-        return None
-    return sum(e["compute_seconds"] for e in reused)
 
 
 def _save(model, tokenizer, rec: Record, cfg: RunConfig) -> None:

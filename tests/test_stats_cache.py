@@ -6,11 +6,10 @@ from conftest import make_tiny, tiny_calibration
 
 from bench import integrity
 from bench.adapters import get_adapter
-from bench.calibration import COST_KEY, Calibration, collect_block_cosines, collect_grams
+from bench.calibration import COST_KEY, Calibration, collect_block_cosines, collect_grams, reused_cost
 from bench.cli import main
 from bench.leaderboard import compress_seconds
 from bench.records import load_records
-from bench.runner import reused_cost
 
 
 def _calib(tmp_path, seed=0, key="model-a"):
