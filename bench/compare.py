@@ -123,6 +123,11 @@ def paired_windows(metric: Metric, a: list[Record], b: list[Record]) -> tuple[st
     return stats.over_seeds(per_pair), fewest
 
 
+#: perplexity, paired over the windows on their mean NLL (the leaderboard's ppl marks use it too)
+PERPLEXITY = Metric("perplexity", lambda r: _number(r.metrics.get("perplexity")), higher_is_better=False, digits=2,
+                    log_scale=True, windows=lambda r: window_values(r, "perplexity_detail", "window_nll"))
+
+
 @dataclass
 class Row:
     """One metric of a comparison; A and B are means over the paired seeds."""
@@ -157,8 +162,7 @@ def _metrics(a: list[Record], b: list[Record]) -> list[Metric]:
 
     return [*map(task, tasks),
             Metric("mean_acc", m("mean_acc"), stats.paired_mean),
-            Metric("perplexity", m("perplexity"), higher_is_better=False, digits=2, log_scale=True,
-                   windows=lambda r: window_values(r, "perplexity_detail", "window_nll")),
+            PERPLEXITY,
             Metric("KL to dense", lambda r: _number((r.metrics.get("closeness") or {}).get("kl_mean")),
                    higher_is_better=False, digits=4, windows=lambda r: window_values(r, "closeness", "window_kl")),
             Metric("top-1 agreement", lambda r: _number((r.metrics.get("closeness") or {}).get("top1_agreement")),
@@ -211,20 +215,35 @@ def t_critical(df: int) -> float:
     return float(t.ppf(1 - (1 - 0.95) / 2, df))
 
 
-def _window_row(metric: Metric, a: list[Record], b: list[Record], mean_a: float, mean_b: float, diff: float,
-                seed_sd: float | None) -> Row:
-    """A metric paired over the perplexity windows. A log-scale metric (perplexity) is judged on the per-window
-    mean NLL and its SE shown in the metric's units by the delta method: SE(ppl_B - ppl_A) ~ sqrt(ppl_A ppl_B)
-    SE(nll_B - nll_A)."""
+@dataclass(frozen=True)
+class WindowTest:
+    se: float  # SE of B - A in the metric's units
+    verdict: str  # ``verdict``'s words, judged against Student's t with windows - 1 degrees of freedom
+    windows: int
+
+
+def window_test(metric: Metric, a: list[Record], b: list[Record], mean_a: float, mean_b: float) -> WindowTest | None:
+    """B - A of a metric paired over the perplexity windows (``a[i]`` and ``b[i]`` a pair of records, their
+    seeds pooled as a second level); None unless every pair scored the same windows. A log-scale metric
+    (perplexity) is judged on the per-window mean NLL and its SE shown in the metric's units by the delta method:
+    SE(ppl_B - ppl_A) ~ sqrt(ppl_A ppl_B) SE(nll_B - nll_A)."""
     found = paired_windows(metric, a, b)
     if found is None:
-        return Row(metric.name, mean_a, mean_b, diff, None, seed_sd, "", metric.digits)
+        return None
     p, n = found
     test = p.diff if metric.log_scale else metric.scale * p.diff
     se = metric.scale * p.se
     shown = math.sqrt(max(mean_a, 0.0) * max(mean_b, 0.0)) * se if metric.log_scale else se
-    said = verdict(test, se, metric.higher_is_better, t_critical(n - 1))
-    return Row(metric.name, mean_a, mean_b, diff, shown, seed_sd, said, metric.digits, windows=n)
+    return WindowTest(shown, verdict(test, se, metric.higher_is_better, t_critical(n - 1)), n)
+
+
+def _window_row(metric: Metric, a: list[Record], b: list[Record], mean_a: float, mean_b: float, diff: float,
+                seed_sd: float | None) -> Row:
+    found = window_test(metric, a, b, mean_a, mean_b)
+    if found is None:
+        return Row(metric.name, mean_a, mean_b, diff, None, seed_sd, "", metric.digits)
+    return Row(metric.name, mean_a, mean_b, diff, found.se, seed_sd, found.verdict, metric.digits,
+               windows=found.windows)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench import curves, stats
+from bench import compare, curves, stats
 from bench.calibration import reused_cost
 from bench.compare import DENSE, label, main_acc, mean_acc_se
 from bench.evaluate import docs as docs_io
@@ -21,6 +21,7 @@ TASK_SHORT = {"arc_easy": "ARC-e", "arc_challenge": "ARC-c", "piqa": "PIQA", "he
 #: a cell whose perplexity exceeds this multiple of the dense model's is marked collapsed, not ranked
 COLLAPSE_FACTOR = 100.0
 LABELS = {"mean_acc_se": "±", "seed_sd": "seed sd", "near_best": "≈best", "vs_best": "Δbest (paired)",
+          "ppl_near_best": "ppl≈best", "ppl_vs_best": "Δppl best (paired)",
           "kl": "KL", "kl_p99": "KL p99", "top1": "top-1 agr", "flip": "flip"}  # column headers in the tables
 
 
@@ -80,6 +81,7 @@ def frame(records: list[Record], docs: list[dict | None] | None = None) -> pd.Da
     if df.empty:
         return df
     df = _mark_noise(df, docs)
+    df = _mark_ppl(df, records)
     df["_dense"] = df["method"] != DENSE
     df = df.sort_values(["model", "suite", "_dense", "target", "mean_acc"], ascending=[True, True, True, True, False],
                         na_position="last")
@@ -115,14 +117,18 @@ def _status(r: Record, ref: Record | None) -> str:
     return "ok"
 
 
+def seed_pairs(a: pd.DataFrame, b: pd.DataFrame) -> list[tuple[int, int]]:
+    """The record indices (``_row``) of cells A and B paired seed by seed, or every pair when they share no seed."""
+    seeds = sorted(set(a["seed"]) & set(b["seed"]))
+    return [(a[a["seed"] == s]["_row"].iloc[0], b[b["seed"] == s]["_row"].iloc[0]) for s in seeds] or \
+        [(i, j) for i in a["_row"] for j in b["_row"]]
+
+
 def paired_vs(a: pd.DataFrame, b: pd.DataFrame, docs: list[dict | None]) -> stats.Paired | None:
     """Mean accuracy of cell B minus cell A, paired over documents for each seed both have (every pair of seeds
     when they share none), seeds pooled as a second level; None when a side file is missing."""
-    seeds = sorted(set(a["seed"]) & set(b["seed"]))
-    pairs = [(a[a["seed"] == s]["_row"].iloc[0], b[b["seed"] == s]["_row"].iloc[0]) for s in seeds] or \
-        [(i, j) for i in a["_row"] for j in b["_row"]]
     per_seed = []
-    for i, j in pairs:
+    for i, j in seed_pairs(a, b):
         p = stats.paired_mean(docs[i], docs[j]) if docs[i] is not None and docs[j] is not None else None
         if p is None:
             return None
@@ -164,6 +170,41 @@ def _mark_noise(df: pd.DataFrame, docs: list[dict | None]) -> pd.DataFrame:
     return df
 
 
+def _mark_ppl(df: pd.DataFrame, records: list[Record]) -> pd.DataFrame:
+    """Adds ``ppl_near_best`` and ``ppl_vs_best`` after ``ppl``: at each (model, suite, target), "best" for the
+    ok cell (seeds averaged) with the lowest perplexity, "≈" for every cell whose perplexity is within noise of it
+    paired over the perplexity windows (``compare.window_test``: mean NLL per window, Student's t), "" for the
+    rest; None for the dense model, collapsed or failed cells and cells without per-window figures. Only a cell's
+    seeds with per-window figures are paired (all seeds score the same windows; older records lack the figures).
+    ``ppl_vs_best`` is the cell's perplexity minus the best one's (all seeds) with the paired SE."""
+    keys = ["model", "suite", "method", "_knobs", "target"]
+    at = df.columns.get_loc("ppl") + 1
+    df.insert(at, "ppl_near_best", None)
+    df.insert(at + 1, "ppl_vs_best", None)
+    ok = df[(df["status"] == "ok") & pd.to_numeric(df["ppl"]).notna() & (df["method"] != DENSE)]
+    if ok.empty:
+        return df
+    g = ok.assign(ppl=pd.to_numeric(ok["ppl"])).groupby(keys, sort=False)
+    cells = g["ppl"].mean().rename("mean").reset_index()
+    windowed = {k: part[[compare.PERPLEXITY.windows(records[i]) is not None for i in part["_row"]]] for k, part in g}
+    marks: dict[tuple, tuple[str | None, str | None]] = {}
+    for _, group in cells.groupby(["model", "suite", "target"]):
+        best = group.loc[group["mean"].idxmin()]
+        for i, c in group.iterrows():
+            key = tuple(c[keys])
+            if i == best.name:
+                marks[key] = ("best", None)
+                continue
+            pairs = seed_pairs(windowed[tuple(best[keys])], windowed[key])
+            found = compare.window_test(compare.PERPLEXITY, [records[x] for x, _ in pairs],
+                                        [records[y] for _, y in pairs], best["mean"], c["mean"]) if pairs else None
+            marks[key] = (None, None) if found is None else (
+                "≈" if found.verdict == "within noise" else "", f"{c['mean'] - best['mean']:+.2f}±{found.se:.2f}")
+    for idx in ok.index:
+        df.at[idx, "ppl_near_best"], df.at[idx, "ppl_vs_best"] = marks[tuple(df.loc[idx, keys])]
+    return df
+
+
 def noise_legend(records: list[Record]) -> str:
     """What the ± column and the ≈best marker mean, and how many documents each suite scored per task."""
     per_suite = []
@@ -186,9 +227,12 @@ def noise_legend(records: list[Record]) -> str:
             f"added); Δbest is that difference with its SE; an empty mark is clearly worse. KL = mean KL divergence "
             f"of the next-token distribution from the dense model's on the perplexity windows (p99: its 99th "
             f"percentile over positions), top-1 agr = share of positions where both predict the same token, flip = "
-            f"share of zero-shot documents whose correctness differs from the dense model's. Perplexity, KL and top-1 "
-            f"agr have no error bar in this table: `bench compare A B` pairs them over the perplexity windows (records "
-            f"keep each window's figures; older ones get them with `bench run ... --rescore`). prefill_ms and decode_tok_s read \"-\" where "
+            f"share of zero-shot documents whose correctness differs from the dense model's. ppl≈best: the same for "
+            f"perplexity, \"best\" the lowest (seeds averaged), paired over the perplexity windows both cells scored "
+            f"(mean NLL per window, |Δ| ≤ t(windows - 1)·SE(Δ), seeds paired as above); Δppl best is the difference "
+            f"in perplexity with its SE (delta method); \"-\" for a record without per-window figures (`bench run ... "
+            f"--rescore` adds them from its checkpoint). `bench compare A B` pairs KL and top-1 agr the same way. "
+            f"prefill_ms and decode_tok_s read \"-\" where "
             f"the measurement is in doubt (its repeats more than {SPREAD_LIMIT:g}x apart, or a CPU host's load average "
             f"above {LOAD_LIMIT:g}x its cores): the CSV's latency_note says why and what was measured. compress_s counts "
             f"the calibration statistics a cell used at what computing them cost, whether it computed them or reused "
@@ -225,7 +269,8 @@ def _fmt(value, col: str) -> str:
     return str(value)
 
 
-COLUMNS = ["method", "seed", "target", "achieved", "budget", "linear_ratio", "ppl", "kl", "kl_p99", "top1", "flip",
+COLUMNS = ["method", "seed", "target", "achieved", "budget", "linear_ratio", "ppl", "ppl_near_best", "ppl_vs_best",
+           "kl", "kl_p99", "top1", "flip",
            "mean_acc", "mean_acc_se", "seed_sd", "near_best", "vs_best", "retained",
            *TASK_SHORT.values(), "params_M", "weights_MB", "ckpt_MB", "peak_mem_MB", "prefill_ms", "decode_tok_s",
            "compress_s", "train_tokens", "status"]
@@ -280,7 +325,8 @@ def write(results_dir: str | Path, out_dir: str | Path) -> tuple[pd.DataFrame, l
     return df, problems, paths
 
 
-TERMINAL_COLUMNS = ["method", "seed", "target", "achieved", "budget", "ppl", "kl", "top1", "flip", "mean_acc",
+TERMINAL_COLUMNS = ["method", "seed", "target", "achieved", "budget", "ppl", "ppl_near_best", "kl", "top1", "flip",
+                    "mean_acc",
                     "near_best", "vs_best",
                     "retained", "params_M",
                     "ckpt_MB", "prefill_ms", "decode_tok_s", "compress_s", "status"]

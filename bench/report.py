@@ -24,7 +24,8 @@ from bench.leaderboard import COLLAPSE_FACTOR, COLUMNS, DENSE, LABELS, TASK_SHOR
 from bench.records import Record
 
 KEYS = ["model", "suite", "method", "target"]
-TEXT = ["model", "suite", "method", "seed", "budget", "status", "near_best", "vs_best"]
+MARKS = ["near_best", "vs_best", "ppl_near_best", "ppl_vs_best"]  # one per cell, the same on each seed's row
+TEXT = ["model", "suite", "method", "seed", "budget", "status", *MARKS]
 FLOOR = 0.6  # a share of the dense accuracy at or below this is full red; 1.0 and above full green
 FIGURES = [("accuracy", plots.draw_accuracy, (6.4, 4.2)), ("perplexity", plots.draw_perplexity, (6.4, 4.2)),
            ("kl", plots.draw_kl, (6.4, 4.2)), ("top1", plots.draw_top1, (6.4, 4.2)),
@@ -44,8 +45,8 @@ def cells(df: pd.DataFrame) -> pd.DataFrame:
     out["seeds"] = g["seed"].agg(lambda s: ",".join(map(str, sorted(s))))
     out["n"] = g.size()
     out["mean_acc_se"] = g["mean_acc_se"].agg(lambda s: pooled_se(s.tolist()))
-    out["near_best"] = g["near_best"].first()
-    out["vs_best"] = g["vs_best"].first()
+    for col in MARKS:
+        out[col] = g[col].first()
     out["budget"] = g["budget"].agg(lambda s: next((f for f in s if str(f).startswith("MISSED")), s.iloc[0]))
     out["status"] = "ok"
     failed = df[df["status"] != "ok"].assign(seeds=lambda d: d["seed"].astype(str), n=1).drop(columns="seed")
@@ -79,11 +80,11 @@ def _shade(share: float) -> str:
 
 def _td(row: pd.Series, col: str, dense: pd.Series | None, tasks: list[str]) -> str:
     value = row[col]
-    if col in ("method", "budget", "status", "seeds", "near_best", "vs_best"):
+    if col in ("method", "budget", "status", "seeds", *MARKS):
         cls = {"method": "text", "budget": "flag" if str(value).startswith("MISSED") else "",
-               "status": "err text" if value != "ok" else "", "seeds": "", "near_best": "", "vs_best": ""}[col]
-        value = _fmt(value, col) if col in ("near_best", "vs_best") else value
-        key = row["n"] if col == "seeds" else NEAR_RANK.get(row[col], "") if col == "near_best" else value
+               "status": "err text" if value != "ok" else ""}.get(col, "")
+        value = _fmt(value, col) if col in MARKS else value
+        key = row["n"] if col == "seeds" else NEAR_RANK.get(row[col], "") if col.endswith("near_best") else value
         return f'<td data-v="{escape(str(key))}" class="{cls}">{escape(str(value))}</td>'
     if value is None or not math.isfinite(value):
         return '<td data-v="">-</td>'

@@ -226,9 +226,9 @@ def test_compare_leaves_out_a_latency_in_doubt(tmp_path):
     assert rows["perplexity"].b == 20.0  # the rest of the record is compared as before
 
 
-def _windowed(method: str, nll: list[float], kl: list[float], sha: str = "w1") -> Record:
+def _windowed(method: str, nll: list[float], kl: list[float], sha: str = "w1", seed: int = 0) -> Record:
     """A record whose perplexity and KL are the means of its per-window figures, as the evaluator writes them."""
-    r = _rec(method, 0.2, ppl=math.exp(sum(nll) / len(nll)))
+    r = _rec(method, 0.2, seed, ppl=math.exp(sum(nll) / len(nll)))
     r.metrics["perplexity_detail"] = {"nll": sum(nll) / len(nll), "window_nll": nll}
     r.metrics["closeness"] = {"kl_mean": sum(kl) / len(kl), "top1_agreement": 0.5, "window_kl": kl,
                               "window_top1": [0.5] * len(kl), "reference": {"windows_sha": sha}}
@@ -267,3 +267,39 @@ def test_windows_pair_only_when_both_records_scored_the_same_windows():
     assert any("--rescore" in n for n in c.notes)
     (c,) = [compare._comparison("t", [a], [_windowed("b", [3.5] * 4, [0.6] * 4)], [None], [None])]
     assert any("paired over the 4 perplexity windows" in n and "t(3) = 3.18" in n for n in c.notes)
+
+
+def test_leaderboard_ppl_marks_are_paired_over_the_windows(tmp_path):
+    base = [3.0, 3.4, 2.8, 3.1]
+    noisy = [x + d for x, d in zip(base, (0.1, 0.5, 0.0, 0.4), strict=True)]  # +0.25 on average, within t(3)
+    records = [_rec("dense", 0.0, ppl=10.0), _windowed("a", base, [0.5] * 4),
+               _windowed("noisy", noisy, [0.5] * 4),
+               _windowed("shifted", [x + 0.01 for x in base], [0.5] * 4),  # every window worse: clearly worse
+               _rec("old", 0.2, ppl=30.0),  # written before windows were kept: no mark
+               _windowed("collapsed", [8.0] * 4, [5.0] * 4),  # ppl 2981 > 100x dense: not ranked
+               # seed 0 lacks windows: the mark pairs the seed that has them (all seeds score the same windows)
+               _rec("mixed", 0.2, 0, ppl=40.0), _windowed("mixed", [x + 0.3 for x in base], [0.5] * 4, seed=1)]
+    for r in records:
+        write_record(tmp_path / "results", r)
+    df, _, _ = leaderboard.write(tmp_path / "results", tmp_path / "lb")
+    marks = {(r.method, r.seed): (r.ppl_near_best, r.ppl_vs_best) for r in df.itertuples()}
+    assert marks["a", 0] == ("best", None) and marks["dense", 0] == (None, None)
+    assert marks["noisy", 0][0] == "≈" and marks["shifted", 0][0] == ""
+    assert marks["old", 0] == (None, None) and marks["collapsed", 0] == (None, None)
+    ppl_a, ppl_shifted = math.exp(sum(base) / 4), math.exp(sum(base) / 4 + 0.01)
+    d = stats.paired_diff(base, noisy)
+    se = math.sqrt(ppl_a * math.exp(sum(noisy) / 4)) * d.se  # the delta method, as bench compare shows it
+    assert marks["noisy", 0][1] == f"{math.exp(sum(noisy) / 4) - ppl_a:+.2f}±{se:.2f}"
+    assert marks["shifted", 0][1] == f"{ppl_shifted - ppl_a:+.2f}±0.00"
+    # the mixed cell: its perplexity is the mean of both seeds, its test the windowed seed's shift (clearly worse)
+    mixed = (40.0 + math.exp(sum(base) / 4 + 0.3)) / 2
+    assert marks["mixed", 0] == marks["mixed", 1] == ("", f"{mixed - ppl_a:+.2f}±0.00")
+
+    md = (tmp_path / "lb" / "leaderboard.md").read_text()
+    table = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines() if line.startswith("|")]
+    cols = table[0]
+    assert cols[cols.index("ppl") + 1:cols.index("ppl") + 3] == ["ppl≈best", "Δppl best (paired)"]
+    assert next(r for r in table if r[0] == "noisy")[cols.index("ppl≈best")] == "≈"
+    assert "t(windows - 1)" in md
+    html = (tmp_path / "lb" / "index.html").read_text()
+    assert "ppl≈best</th>" in html and '<td data-v="2" class=""></td>' in html  # clearly worse sorts last
