@@ -8,6 +8,7 @@ span the min-max over seeds; a red ring marks a cell that missed its parameter b
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,10 @@ from matplotlib.ticker import LogFormatter
 from bench.leaderboard import COLUMNS, CSV_ONLY, DENSE, TASK_SHORT
 
 Draw = Callable[[Axes, pd.DataFrame], None]
+#: a legend with more entries than this goes under its axes in columns, and ``figure`` grows to hold it (the long
+#: labels of runs with overridden knobs beside the axes squeezed them to nothing)
+LEGEND_BESIDE = 8
+LABEL_WIDTH = 46  # legend labels wrap at this many characters
 
 
 def _ok(cells: pd.DataFrame) -> pd.DataFrame:
@@ -51,21 +56,39 @@ def _by_method(ax: Axes, cells: pd.DataFrame, x: str, y: str, x_scale: float) ->
     if not dense.empty:
         ax.axhline(dense[y].iloc[0], color="grey", ls="--", lw=1)
         ax.plot(x_scale * dense[x].iloc[0], dense[y].iloc[0], "*", color="black", ms=12, label=DENSE, zorder=4)
-    for method, colour in _colours(cells).items():
+    markers = "osD^v<>p"  # the 10 colours repeat past 10 methods: the marker tells the rounds apart
+    for i, (method, colour) in enumerate(_colours(cells).items()):
         c = ok[ok["method"] == method].sort_values(x)
         if c.empty:
             continue
-        ax.errorbar(x_scale * c[x], c[y], yerr=_err(c, y), xerr=_err(c, x, x_scale), marker="o", capsize=3,
-                    color=colour, label=method)
+        ax.errorbar(x_scale * c[x], c[y], yerr=_err(c, y), xerr=_err(c, x, x_scale),
+                    marker=markers[i // 10 % len(markers)], capsize=3, color=colour, label=method)
     missed = ok[_missed(ok)]
+    handles = ax.get_legend_handles_labels()[0]
     if not missed.empty:
         ax.scatter(x_scale * missed[x], missed[y], s=160, facecolors="none", edgecolors="red", lw=1.5, zorder=5)
-        ax.legend(handles=[*ax.get_legend_handles_labels()[0],
-                           Line2D([], [], ls="", marker="o", ms=10, mfc="none", mec="red", label="missed budget")],
-                  fontsize="small")
-    elif len(ok):
-        ax.legend(fontsize="small")
+        handles.append(Line2D([], [], ls="", marker="o", ms=10, mfc="none", mec="red", label="missed budget"))
+    if len(ok):
+        _legend(ax, handles)
     ax.grid(alpha=0.3)
+
+
+def _legend(ax: Axes, handles: list, ncols: int = 2) -> None:
+    """Beside the data when short; under the axes in ``ncols`` columns, labels wrapped, when long."""
+    labels = [textwrap.fill(h.get_label(), LABEL_WIDTH, break_on_hyphens=False) for h in handles]
+    if len(handles) <= LEGEND_BESIDE:
+        ax.legend(handles, labels, fontsize="small")
+    else:
+        ax.legend(handles, labels, fontsize="x-small", ncols=ncols, loc="upper center",
+                  bbox_to_anchor=(0.5, -0.16))
+
+
+def _legend_height(ax: Axes, renderer) -> float:
+    """Inches a legend under ``ax`` needs, measured (0 for none or one beside the data)."""
+    legend = ax.get_legend()
+    if legend is None or len(legend.get_texts()) <= LEGEND_BESIDE:
+        return 0.0
+    return 1.1 + legend.get_window_extent(renderer).height / ax.figure.dpi
 
 
 def draw_accuracy(ax: Axes, cells: pd.DataFrame) -> None:
@@ -124,7 +147,7 @@ def draw_tasks(ax: Axes, cells: pd.DataFrame) -> None:
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("accuracy (acc_norm, else acc)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="x-small", ncols=1 + len(ok) // 10)
+    _legend(ax, ax.get_legend_handles_labels()[0], ncols=3)
 
 
 def task_columns(cells: pd.DataFrame) -> list[str]:
@@ -140,6 +163,8 @@ def figure(draw: Draw, groups: list[tuple[str, pd.DataFrame]], size: tuple[float
     for ax, (title, cells) in zip(axes, groups, strict=True):
         draw(ax, cells)
         ax.set_title(title, fontsize="medium")
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.set_size_inches(fig.get_figwidth(), size[1] + max(_legend_height(ax, renderer) for ax in axes))
     return fig
 
 

@@ -189,7 +189,7 @@ table.board,table.curve{border-collapse:collapse;font-variant-numeric:tabular-nu
 th,td{border:1px solid #ddd;padding:3px 6px;text-align:right;vertical-align:top;white-space:nowrap}
 th{background:#f2f2f2;text-align:center} table.board th{cursor:pointer;user-select:none}
 th[aria-sort=ascending]::after{content:" \\25B2"} th[aria-sort=descending]::after{content:" \\25BC"}
-td.text{text-align:left} td.err{color:#a00;white-space:normal;min-width:30ch;max-width:60ch}
+td.text{text-align:left;white-space:normal;min-width:12ch;max-width:34ch} td.err{color:#a00;white-space:normal;min-width:30ch;max-width:60ch}
 td small{display:block;color:#666;font-size:80%}
 tbody.pinned tr{font-weight:600} tbody.pinned tr:last-child td{border-bottom:2px solid #888}
 tr.failed td{background:#fbe9e9} td.flag{background:#ffe9a8;color:#7a4d00;font-weight:600}
