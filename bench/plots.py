@@ -88,7 +88,7 @@ def _legend_height(ax: Axes, renderer) -> float:
     legend = ax.get_legend()
     if legend is None or len(legend.get_texts()) <= LEGEND_BESIDE:
         return 0.0
-    return 1.1 + legend.get_window_extent(renderer).height / ax.figure.dpi
+    return 0.6 + legend.get_window_extent(renderer).height / ax.figure.dpi
 
 
 def draw_accuracy(ax: Axes, cells: pd.DataFrame) -> None:
@@ -164,7 +164,10 @@ def figure(draw: Draw, groups: list[tuple[str, pd.DataFrame]], size: tuple[float
         draw(ax, cells)
         ax.set_title(title, fontsize="medium")
     renderer = FigureCanvasAgg(fig).get_renderer()
-    fig.set_size_inches(fig.get_figwidth(), size[1] + max(_legend_height(ax, renderer) for ax in axes))
+    extra = max(_legend_height(ax, renderer) for ax in axes)
+    if extra:  # the layout places a legend under its axes a few pixels past the edge without a wider pad
+        fig.set_size_inches(fig.get_figwidth(), size[1] + extra)
+        fig.get_layout_engine().set(h_pad=0.12)
     return fig
 
 

@@ -432,3 +432,27 @@ def test_scaling_figures_beside_the_records_are_passed_over_quietly(tmp_path):
     (tmp_path / "foreign.json").write_text(json.dumps({"schema": "someone.else"}))
     records, problems = load_records(tmp_path)
     assert len(records) == 1 and len(problems) == 1 and "foreign.json" in problems[0]
+
+
+def test_a_long_legend_goes_under_the_axes_and_leaves_them_their_height():
+    """Twenty knob-labelled methods: the legend beside the axes used to squeeze them to nothing."""
+    import pandas as pd
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from bench import plots
+
+    rows = [{"method": "dense", "status": "ok", "achieved": 0.0, "mean_acc": 0.5, "budget": "-"}]
+    rows += [{"method": f"delta (autocast=bf16, corpus=mix-en, lr={i}e-4, lr_schedule=cosine, train_tokens=262144)",
+              "status": "ok", "achieved": 0.12, "mean_acc": 0.4 + i / 100, "budget": "ok"} for i in range(20)]
+    cells = pd.DataFrame(rows)
+    for col in ("achieved", "mean_acc"):
+        cells[f"{col}_min"] = cells[f"{col}_max"] = cells[col]
+    fig = plots.figure(plots.draw_accuracy, [("t", cells)])
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)  # applies the constrained layout
+    (ax,) = fig.axes
+    assert ax.get_position().height * fig.get_figheight() > 2.5  # inches of plot, of the 4.2 a short legend leaves
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert legend.y1 < ax.get_window_extent(renderer).y0 and legend.y0 >= 0  # under the axes, inside the figure
+    # 20 methods in 10 colours: the second round of colours gets the second marker
+    assert {c.lines[0].get_marker() for c in ax.containers if c.get_label().startswith("delta")} == {"o", "s"}
