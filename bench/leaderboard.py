@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -136,12 +137,40 @@ def paired_vs(a: pd.DataFrame, b: pd.DataFrame, docs: list[dict | None]) -> stat
     return stats.over_seeds(per_seed)
 
 
+#: the columns that make one cell (a method with its knobs at one ratio); a cell's seeds are its rows
+CELL = ["model", "suite", "method", "_knobs", "target"]
+Mark = tuple[str | None, str | None]  # "best", "≈", "" or None; and the difference to the best with its SE
+
+
+def _against_best(ok: pd.DataFrame, value: str, lowest: bool,
+                  test: Callable[[pd.DataFrame, pd.DataFrame, float, float], Mark]) -> dict[tuple, Mark]:
+    """At each (model, suite, target), "best" for the compressed cell whose ``value`` (seeds averaged) is the
+    lowest (``lowest``) or the highest, and for every other cell what ``test(best's rows, its rows, best's mean,
+    its mean)`` says; keyed by the cell's ``CELL`` values."""
+    g = ok[ok["method"] != DENSE].groupby(CELL, sort=False)
+    rows_of = {k: part for k, part in g}
+    means = g[value].mean().rename("mean").reset_index()
+    marks = {}
+    for _, group in means.groupby(["model", "suite", "target"]):
+        best = group.loc[group["mean"].idxmin() if lowest else group["mean"].idxmax()]
+        for i, c in group.iterrows():
+            key = tuple(c[CELL])
+            marks[key] = ("best", None) if i == best.name else \
+                test(rows_of[tuple(best[CELL])], rows_of[key], best["mean"], c["mean"])
+    return marks
+
+
+def _put(df: pd.DataFrame, rows: pd.Index, marks: dict[tuple, Mark], mark_col: str, vs_col: str) -> None:
+    """Every row of ``rows`` carries its cell's mark (None where the cell has none)."""
+    for idx in rows:
+        df.at[idx, mark_col], df.at[idx, vs_col] = marks.get(tuple(df.loc[idx, CELL]), (None, None))
+
+
 def _mark_noise(df: pd.DataFrame, docs: list[dict | None]) -> pd.DataFrame:
     """Adds ``seed_sd`` (sd of mean_acc over a cell's seeds, where it has several), ``near_best`` and
     ``vs_best``: at each (model, suite, target), "best" for the cell (seeds averaged) with the highest mean
     accuracy, "≈" for every cell whose paired difference to it is within noise, "" for the rest; None for the
     dense model, failed cells and cells without per-document outcomes. ``vs_best`` is that paired difference."""
-    keys = ["model", "suite", "method", "_knobs", "target"]
     df = df.assign(mean_acc_se=pd.to_numeric(df["mean_acc_se"]))
     at = df.columns.get_loc("mean_acc_se") + 1
     df.insert(at, "seed_sd", np.nan)
@@ -150,23 +179,14 @@ def _mark_noise(df: pd.DataFrame, docs: list[dict | None]) -> pd.DataFrame:
     ok = df[(df["status"] == "ok") & df["mean_acc"].notna()]
     if ok.empty:
         return df
-    g = ok.groupby(keys, sort=False)
-    cells = pd.DataFrame({"acc": g["mean_acc"].mean(), "sd": g["mean_acc"].std()}).reset_index()
-    cells["near_best"] = cells["vs_best"] = None
-    rows_of = {k: part for k, part in g}
-    for _, group in cells[cells["method"] != DENSE].groupby(["model", "suite", "target"]):
-        best = group.loc[group["acc"].idxmax()]
-        for i, c in group.iterrows():
-            if i == best.name:
-                cells.at[i, "near_best"] = "best"
-                continue
-            p = paired_vs(rows_of[tuple(best[keys])], rows_of[tuple(c[keys])], docs)
-            cells.at[i, "near_best"] = None if p is None else "≈" if p.within_noise() else ""
-            cells.at[i, "vs_best"] = None if p is None else f"{p.diff:+.3f}±{p.se:.3f}"
-    marks = df[keys].merge(cells, on=keys, how="left").set_index(df.index)
-    df["seed_sd"] = pd.to_numeric(marks["sd"])
-    df["near_best"] = marks["near_best"].where(df.index.isin(ok.index), None)
-    df["vs_best"] = marks["vs_best"].where(df.index.isin(ok.index), None)
+
+    def test(best: pd.DataFrame, cell: pd.DataFrame, *_) -> Mark:
+        p = paired_vs(best, cell, docs)
+        return (None, None) if p is None else ("≈" if p.within_noise() else "", f"{p.diff:+.3f}±{p.se:.3f}")
+
+    sd = ok.groupby(CELL, sort=False)["mean_acc"].std().rename("sd").reset_index()
+    df["seed_sd"] = pd.to_numeric(df[CELL].merge(sd, on=CELL, how="left").set_index(df.index)["sd"])
+    _put(df, ok.index, _against_best(ok, "mean_acc", lowest=False, test=test), "near_best", "vs_best")
     return df
 
 
@@ -177,31 +197,25 @@ def _mark_ppl(df: pd.DataFrame, records: list[Record]) -> pd.DataFrame:
     rest; None for the dense model, collapsed or failed cells and cells without per-window figures. Only a cell's
     seeds with per-window figures are paired (all seeds score the same windows; older records lack the figures).
     ``ppl_vs_best`` is the cell's perplexity minus the best one's (all seeds) with the paired SE."""
-    keys = ["model", "suite", "method", "_knobs", "target"]
     at = df.columns.get_loc("ppl") + 1
     df.insert(at, "ppl_near_best", None)
     df.insert(at + 1, "ppl_vs_best", None)
-    ok = df[(df["status"] == "ok") & pd.to_numeric(df["ppl"]).notna() & (df["method"] != DENSE)]
+    ok = df[(df["status"] == "ok") & pd.to_numeric(df["ppl"]).notna()]
     if ok.empty:
         return df
-    g = ok.assign(ppl=pd.to_numeric(ok["ppl"])).groupby(keys, sort=False)
-    cells = g["ppl"].mean().rename("mean").reset_index()
-    windowed = {k: part[[compare.PERPLEXITY.windows(records[i]) is not None for i in part["_row"]]] for k, part in g}
-    marks: dict[tuple, tuple[str | None, str | None]] = {}
-    for _, group in cells.groupby(["model", "suite", "target"]):
-        best = group.loc[group["mean"].idxmin()]
-        for i, c in group.iterrows():
-            key = tuple(c[keys])
-            if i == best.name:
-                marks[key] = ("best", None)
-                continue
-            pairs = seed_pairs(windowed[tuple(best[keys])], windowed[key])
-            found = compare.window_test(compare.PERPLEXITY, [records[x] for x, _ in pairs],
-                                        [records[y] for _, y in pairs], best["mean"], c["mean"]) if pairs else None
-            marks[key] = (None, None) if found is None else (
-                "≈" if found.verdict == "within noise" else "", f"{c['mean'] - best['mean']:+.2f}±{found.se:.2f}")
-    for idx in ok.index:
-        df.at[idx, "ppl_near_best"], df.at[idx, "ppl_vs_best"] = marks[tuple(df.loc[idx, keys])]
+
+    def windowed(rows: pd.DataFrame) -> pd.DataFrame:
+        return rows[[compare.PERPLEXITY.windows(records[i]) is not None for i in rows["_row"]]]
+
+    def test(best: pd.DataFrame, cell: pd.DataFrame, best_mean: float, mean: float) -> Mark:
+        pairs = seed_pairs(windowed(best), windowed(cell))
+        found = compare.window_test(compare.PERPLEXITY, [records[x] for x, _ in pairs],
+                                    [records[y] for _, y in pairs], best_mean, mean) if pairs else None
+        return (None, None) if found is None else (
+            "≈" if found.verdict == "within noise" else "", f"{mean - best_mean:+.2f}±{found.se:.2f}")
+
+    marks = _against_best(ok.assign(ppl=pd.to_numeric(ok["ppl"])), "ppl", lowest=True, test=test)
+    _put(df, ok.index, marks, "ppl_near_best", "ppl_vs_best")
     return df
 
 

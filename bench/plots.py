@@ -157,7 +157,7 @@ def task_columns(cells: pd.DataFrame) -> list[str]:
 
 
 def figure(draw: Draw, groups: list[tuple[str, pd.DataFrame]], size: tuple[float, float] = (6.4, 4.2)) -> Figure:
-    """One axes per (title, cells) group, side by side."""
+    """One axes per (title, cells) group, side by side, on an Agg canvas (its renderer measures the legends)."""
     fig = Figure(figsize=(size[0] * len(groups), size[1]), layout="constrained")
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     for ax, (title, cells) in zip(axes, groups, strict=True):
@@ -192,8 +192,7 @@ def write_pngs(groups: list[tuple[str, pd.DataFrame]], out_dir: Path, dpi: int =
     """The figures of ``PNGS`` (all groups side by side) as PNG files in ``out_dir``, through Agg."""
     paths = []
     for name, draw in PNGS.items():
-        fig = figure(draw, groups)
-        FigureCanvasAgg(fig)
+        fig = figure(draw, groups)  # on the Agg canvas ``figure`` measured its legends with
         fig.savefig(out_dir / name, dpi=dpi)
         paths.append(out_dir / name)
     return paths
