@@ -21,8 +21,11 @@ TASK_SHORT = {"arc_easy": "ARC-e", "arc_challenge": "ARC-c", "piqa": "PIQA", "he
               "winogrande": "WinoG", "boolq": "BoolQ", "openbookqa": "OBQA"}
 #: a cell whose perplexity exceeds this multiple of the dense model's is marked collapsed, not ranked
 COLLAPSE_FACTOR = 100.0
+#: the reference row under the dense one: the accuracy a uniform guess expects on the same documents
+CHANCE = "chance"
+REFERENCE = "reference"  # its status: not a cell, never ranked
 LABELS = {"mean_acc_se": "±", "seed_sd": "seed sd", "near_best": "≈best", "vs_best": "Δbest (paired)",
-          "ppl_near_best": "ppl≈best", "ppl_vs_best": "Δppl best (paired)",
+          "ppl_near_best": "ppl≈best", "ppl_vs_best": "Δppl best (paired)", "vs_chance": "Δchance (paired)",
           "kl": "KL", "kl_p99": "KL p99", "top1": "top-1 agr", "flip": "flip"}  # column headers in the tables
 
 
@@ -78,15 +81,32 @@ def frame(records: list[Record], docs: list[dict | None] | None = None) -> pd.Da
         for task, res in (m.get("tasks") or {}).items():
             row[TASK_SHORT.get(task, task)] = main_acc(res)
         rows.append(row)
+    rows += [c for i in dense.values() if docs[i] is not None and (c := _chance_row(records[i], docs[i]))]
     df = pd.DataFrame(rows)
     if df.empty:
         return df
     df = _mark_noise(df, docs)
     df = _mark_ppl(df, records)
-    df["_dense"] = df["method"] != DENSE
+    df = _mark_chance(df, docs)
+    df["_dense"] = df["method"].map({DENSE: 0, CHANCE: 1}).fillna(2)
     df = df.sort_values(["model", "suite", "_dense", "target", "mean_acc"], ascending=[True, True, True, True, False],
                         na_position="last")
     return df.drop(columns=["_dense", "_knobs", "_row"]).reset_index(drop=True)
+
+
+def _chance_row(dense: Record, docs: dict[str, dict]) -> dict | None:
+    """The row of what a uniform guess expects on the documents the dense record scored (every cell of a model
+    and suite scores the same ones): per task and their mean, and that mean's share of the dense accuracy; None
+    when the side file has no per-choice log-likelihoods."""
+    per_task = stats.chance(docs)
+    if not per_task:
+        return None
+    mean = float(np.mean(list(per_task.values())))
+    ref = dense.metrics.get("mean_acc")
+    return {"model": dense.model["name"], "suite": dense.suite["name"], "method": CHANCE, "seed": dense.seed,
+            "target": 0.0, "budget": "-", "mean_acc": mean, "retained": mean / ref if ref else None,
+            "status": REFERENCE, "_knobs": "{}", "_row": -1,
+            **{TASK_SHORT.get(task, task): value for task, value in per_task.items()}}
 
 
 def compress_seconds(cost: dict) -> float | None:
@@ -219,6 +239,25 @@ def _mark_ppl(df: pd.DataFrame, records: list[Record]) -> pd.DataFrame:
     return df
 
 
+def _mark_chance(df: pd.DataFrame, docs: list[dict | None]) -> pd.DataFrame:
+    """Adds ``vs_chance`` after ``retained``: each cell's mean accuracy minus what a uniform guess expects on the
+    same documents, with its SE (``stats.above_chance``, seeds as ``stats.over_seeds``), prefixed "≈" where it is
+    within noise of the guess; None without per-document outcomes. Collapsed cells get it too: it says whether
+    their answers are guesses."""
+    df.insert(df.columns.get_loc("retained") + 1, "vs_chance", None)
+    scored = df[df["_row"].ge(0) & df["mean_acc"].notna() & ~df["status"].astype(str).str.startswith("failed")]
+    for _, cell in scored.groupby(CELL, sort=False):
+        per_seed = [docs[i] for i in cell["_row"]]
+        found = [stats.above_chance(d) for d in per_seed if d is not None]
+        if not found or None in found or len(found) < len(per_seed):
+            continue
+        p = stats.over_seeds(found)
+        mark = f"{'≈ ' if p.within_noise() else ''}{p.diff:+.3f}±{p.se:.3f}"
+        for idx in cell.index:
+            df.at[idx, "vs_chance"] = mark
+    return df
+
+
 def noise_legend(records: list[Record]) -> str:
     """What the ± column and the ≈best marker mean, and how many documents each suite scored per task."""
     per_suite = []
@@ -251,7 +290,10 @@ def noise_legend(records: list[Record]) -> str:
             f"above {LOAD_LIMIT:g}x its cores): the CSV's latency_note says why and what was measured. compress_s counts "
             f"the calibration statistics a cell used at what computing them cost, whether it computed them or reused "
             f"them from another cell or the cache; \"-\" where a reused statistic's cost was not recorded (records "
-            f"from before it was kept: recompute with --no-cache).{docs_line}")
+            f"from before it was kept: recompute with --no-cache). chance: the accuracy a uniform guess expects on "
+            f"the same documents (1 / number of choices, per task and their mean); Δchance = mean_acc minus it, paired "
+            f"over the documents with its SE (seeds as above), \"≈\" where |Δ| ≤ {stats.Z}·SE: those zero-shot answers "
+            f"cannot be told from guessing.{docs_line}")
 
 
 def _budget_flag(r: Record) -> str:
@@ -285,7 +327,7 @@ def _fmt(value, col: str) -> str:
 
 COLUMNS = ["method", "seed", "target", "achieved", "budget", "linear_ratio", "ppl", "ppl_near_best", "ppl_vs_best",
            "kl", "kl_p99", "top1", "flip",
-           "mean_acc", "mean_acc_se", "seed_sd", "near_best", "vs_best", "retained",
+           "mean_acc", "mean_acc_se", "seed_sd", "near_best", "vs_best", "retained", "vs_chance",
            *TASK_SHORT.values(), "params_M", "weights_MB", "ckpt_MB", "peak_mem_MB", "prefill_ms", "decode_tok_s",
            "compress_s", "train_tokens", "status"]
 
@@ -300,6 +342,15 @@ def display_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({c: [_fmt(v, c) for v in df[c]] for c in cols})
 
 
+def _numeric(texts: pd.Series) -> bool:
+    """Whether every shown value of a formatted column but "-" reads as a number (right-aligned in Markdown)."""
+    shown = [t for t in texts if t != "-"]
+    try:
+        return bool(shown) and all(math.isfinite(float(t)) for t in shown)
+    except ValueError:
+        return False
+
+
 def markdown(df: pd.DataFrame, tolerance_note: str = "", legend: str = "") -> str:
     parts = ["# slimbench leaderboard", "",
              "Generated by `bench leaderboard` from the records under `results/`; do not edit by hand.",
@@ -312,8 +363,9 @@ def markdown(df: pd.DataFrame, tolerance_note: str = "", legend: str = "") -> st
              *([legend, ""] if legend else [])]
     for (model, suite), group in df.groupby(["model", "suite"], sort=True):
         table = display_table(group if group["seed_sd"].notna().any() else group.drop(columns="seed_sd"))
+        align = ["right" if _numeric(table[c]) else "left" for c in table.columns]
         table = table.rename(columns=LABELS)
-        parts += [f"## {model} — suite `{suite}`", "", table.to_markdown(index=False), ""]
+        parts += [f"## {model} — suite `{suite}`", "", table.to_markdown(index=False, colalign=align), ""]
     return "\n".join(parts)
 
 
@@ -357,7 +409,7 @@ def rich_table(df: pd.DataFrame, title: str = "slimbench"):
         table.add_column(col, justify="left" if col in ("method", "budget", "status") else "right",
                          overflow="fold", max_width=40 if col == "status" else None)
     for _, row in shown.iterrows():
-        style = "red" if row.get("status", "ok") != "ok" else ("yellow" if str(row.get("budget")).startswith("MISSED")
+        style = "red" if row.get("status", "ok") not in ("ok", REFERENCE) else ("yellow" if str(row.get("budget")).startswith("MISSED")
                                                                else None)
         table.add_row(*[str(v) for v in row.values], style=style)
     return table

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatter
 
-from bench.leaderboard import COLUMNS, CSV_ONLY, DENSE, TASK_SHORT
+from bench.leaderboard import CHANCE, COLUMNS, CSV_ONLY, DENSE, TASK_SHORT
 
 Draw = Callable[[Axes, pd.DataFrame], None]
 #: a legend with more entries than this goes under its axes in columns, and ``figure`` grows to hold it (the long
@@ -34,7 +34,7 @@ def _ok(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def _colours(cells: pd.DataFrame) -> dict[str, str]:
-    methods = [m for m in dict.fromkeys(cells["method"]) if m != DENSE]
+    methods = [m for m in dict.fromkeys(cells["method"]) if m not in (DENSE, CHANCE)]
     return {m: f"C{i % 10}" for i, m in enumerate(methods)}
 
 
@@ -91,7 +91,16 @@ def _legend_height(ax: Axes, renderer) -> float:
     return 0.6 + legend.get_window_extent(renderer).height / ax.figure.dpi
 
 
+def _chance(cells: pd.DataFrame) -> pd.Series | None:
+    """The chance row (what a uniform guess expects on the same documents), if the cells have one."""
+    found = cells[cells["method"] == CHANCE]
+    return found.iloc[0] if len(found) else None
+
+
 def draw_accuracy(ax: Axes, cells: pd.DataFrame) -> None:
+    chance = _chance(cells)
+    if chance is not None and pd.notna(chance["mean_acc"]):
+        ax.axhline(chance["mean_acc"], color="grey", ls=":", lw=1.2, label="chance (uniform guess)")
     _by_method(ax, cells, "achieved", "mean_acc", 100)
     ax.set_xlabel("achieved ratio (% of parameters removed)")
     ax.set_ylabel("mean zero-shot accuracy")
@@ -144,6 +153,11 @@ def draw_tasks(ax: Axes, cells: pd.DataFrame) -> None:
                yerr=[[row[t] - row[f"{t}_min"] for t in tasks], [row[f"{t}_max"] - row[t] for t in tasks]]
                if row["n"] > 1 else None, capsize=1.5, color="black" if dense else colours[row["method"]], alpha=1 - 0.55 * fade,
                label=DENSE if dense else f"{row['method']} @ {100 * row['target']:.0f}%")
+    chance = _chance(cells)
+    if chance is not None:
+        ax.hlines([chance[t] for t in tasks], [j - 0.45 for j in range(len(tasks))],
+                  [j + 0.45 for j in range(len(tasks))], colors="grey", linestyles=":", lw=1.2,
+                  label="chance (uniform guess)")
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("accuracy (acc_norm, else acc)")
     ax.grid(axis="y", alpha=0.3)

@@ -20,11 +20,24 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from bench import curves, plots
 from bench.compare import pooled_se
-from bench.leaderboard import COLLAPSE_FACTOR, COLUMNS, DENSE, LABELS, TASK_SHORT, _fmt, frame, noise_legend
+from bench.leaderboard import (
+    CHANCE,
+    COLLAPSE_FACTOR,
+    COLUMNS,
+    DENSE,
+    LABELS,
+    REFERENCE,
+    TASK_SHORT,
+    _fmt,
+    frame,
+    noise_legend,
+)
 from bench.records import Record
 
 KEYS = ["model", "suite", "method", "target"]
-MARKS = ["near_best", "vs_best", "ppl_near_best", "ppl_vs_best"]  # one per cell, the same on each seed's row
+MARKS = ["near_best", "vs_best", "ppl_near_best", "ppl_vs_best", "vs_chance"]  # one per cell, the same on each
+# seed's row
+PINNED = {DENSE: 0, CHANCE: 1}  # rows kept on top of a section, in this order
 TEXT = ["model", "suite", "method", "seed", "budget", "status", *MARKS]
 FLOOR = 0.6  # a share of the dense accuracy at or below this is full red; 1.0 and above full green
 FIGURES = [("accuracy", plots.draw_accuracy, (6.4, 4.2)), ("perplexity", plots.draw_perplexity, (6.4, 4.2)),
@@ -35,7 +48,7 @@ FIGURES = [("accuracy", plots.draw_accuracy, (6.4, 4.2)), ("perplexity", plots.d
 def cells(df: pd.DataFrame) -> pd.DataFrame:
     """One row per ok (model, suite, method, target): the mean over seeds of every metric, with ``<col>_min``,
     ``<col>_max``, ``seeds`` and ``n`` (the SE of mean accuracy pooled as ``compare.pooled_se`` does); each failed
-    seed as a row of its own. Dense first, then by target."""
+    seed as a row of its own, and the chance row as it is. Dense first, then chance, then by target."""
     num = [c for c in df.columns if c not in TEXT and c != "target"]
     df = df.assign(**{c: pd.to_numeric(df[c], errors="coerce") for c in num})
     ok = df[df["status"] == "ok"]
@@ -51,8 +64,9 @@ def cells(df: pd.DataFrame) -> pd.DataFrame:
     out["status"] = "ok"
     failed = df[df["status"] != "ok"].assign(seeds=lambda d: d["seed"].astype(str), n=1).drop(columns="seed")
     rows = pd.concat([x for x in (out.reset_index(), failed) if len(x)], ignore_index=True)
-    rows["_rest"] = rows["method"] != DENSE
-    rows.loc[~rows["_rest"], "achieved"] = rows.loc[~rows["_rest"], "achieved"].fillna(0.0)
+    rows["_rest"] = rows["method"].map(PINNED).fillna(len(PINNED))
+    dense = rows["method"] == DENSE
+    rows.loc[dense, "achieved"] = rows.loc[dense, "achieved"].fillna(0.0)
     rows = rows.sort_values(["model", "suite", "_rest", "target", "mean_acc"],
                             ascending=[True, True, True, True, False], na_position="last")
     return rows.drop(columns="_rest").reset_index(drop=True)
@@ -82,7 +96,7 @@ def _td(row: pd.Series, col: str, dense: pd.Series | None, tasks: list[str]) -> 
     value = row[col]
     if col in ("method", "budget", "status", "seeds", *MARKS):
         cls = {"method": "text", "budget": "flag" if str(value).startswith("MISSED") else "",
-               "status": "err text" if value != "ok" else ""}.get(col, "")
+               "status": "err text" if value not in ("ok", REFERENCE) else ""}.get(col, "")
         value = _fmt(value, col) if col in MARKS else value
         key = row["n"] if col == "seeds" else NEAR_RANK.get(row[col], "") if col.endswith("near_best") else value
         return f'<td data-v="{escape(str(key))}" class="{cls}">{escape(str(value))}</td>'
@@ -101,7 +115,8 @@ def _td(row: pd.Series, col: str, dense: pd.Series | None, tasks: list[str]) -> 
 
 
 def _tr(row: pd.Series, cols: list[str], dense: pd.Series | None, tasks: list[str]) -> str:
-    cls = "failed" if row["status"] != "ok" else "missed" if str(row["budget"]).startswith("MISSED") else ""
+    cls = "failed" if row["status"] not in ("ok", REFERENCE) else "missed" if str(row["budget"]).startswith("MISSED") \
+        else ""
     return f'<tr class="{cls}">' + "".join(_td(row, c, dense, tasks) for c in cols) + "</tr>\n"
 
 
@@ -109,7 +124,7 @@ def _section(title: str, rows: pd.DataFrame, index: int) -> str:
     cols, tasks = _columns(rows), plots.task_columns(rows)
     ok_dense = rows[(rows["method"] == DENSE) & (rows["status"] == "ok")]
     dense = ok_dense.iloc[0] if len(ok_dense) else None
-    pinned = rows["method"] == DENSE
+    pinned = rows["method"].isin(list(PINNED))
     body = ["".join(_tr(r, cols, dense, tasks) for _, r in part.iterrows()) for part in (rows[pinned], rows[~pinned])]
     head = "".join(f'<th data-key="{escape(c)}">{escape(LABELS.get(c, c))}</th>' for c in cols)
     figures = "".join(plots.svg(plots.figure(draw, [(title, rows)], size), salt=f"{index}-{name}")

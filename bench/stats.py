@@ -113,6 +113,21 @@ def paired_mean(a: dict[str, dict], b: dict[str, dict]) -> Paired | None:
     return mean_over_tasks(list(tasks.values())) if tasks else None
 
 
+def chance(docs: dict[str, dict]) -> dict[str, float]:
+    """Per task, the accuracy a uniform guess expects on the documents scored: the mean over them of 1 / number of
+    choices (from each document's per-choice log-likelihoods)."""
+    return {task: statistics.fmean(1 / len(ll) for ll in d["ll"]) for task, d in docs.items() if d.get("ll")}
+
+
+def above_chance(docs: dict[str, dict]) -> Paired | None:
+    """Mean accuracy minus what a uniform guess expects on the same documents, with its SE: per task the
+    per-document differences correct_i - 1 / choices_i (``paired_diff`` against the guess), then the unweighted
+    mean over tasks as ``mean_over_tasks``; None without per-choice log-likelihoods."""
+    per_task = [paired_diff([1 / len(ll) for ll in d["ll"]], d["correct"])
+                for d in docs.values() if d.get("ll") and len(d["ll"]) >= 2]
+    return mean_over_tasks(per_task) if per_task else None
+
+
 def flip_rate(ref: dict[str, dict], other: dict[str, dict]) -> float | None:
     """Share of documents (all tasks pooled) whose correctness differs between two cells, either way."""
     flips = total = 0

@@ -456,3 +456,53 @@ def test_a_long_legend_goes_under_the_axes_and_leaves_them_their_height():
     assert legend.y1 < ax.get_window_extent(renderer).y0 and legend.y0 >= 0  # under the axes, inside the figure
     # 20 methods in 10 colours: the second round of colours gets the second marker
     assert {c.lines[0].get_marker() for c in ax.containers if c.get_label().startswith("delta")} == {"o", "s"}
+
+
+def _docs(arc_right: int, piqa_right: int, n: int = 40) -> dict:
+    """Per-document outcomes of ``n`` ARC-e documents (4 choices, 5 for every tenth) and ``n`` PIQA ones (2)."""
+    return {"arc_easy": {"doc_id": list(range(n)), "correct": [int(i < arc_right) for i in range(n)],
+                         "ll": [[0.0] * (5 if i % 10 == 0 else 4) for i in range(n)]},
+            "piqa": {"doc_id": list(range(n)), "correct": [int(i < piqa_right) for i in range(n)],
+                     "ll": [[0.0, 0.0] for _ in range(n)]}}
+
+
+def test_chance_is_a_reference_row_under_dense_never_ranked_and_every_cell_is_tested_against_it(tmp_path):
+    """What a uniform guess expects on the same documents, so that a reader sees the floor the accuracies sit on:
+    a cell that guesses is marked "≈" in Δchance, one far above is not, and the chance row is never "best"."""
+    from bench import plots
+    from bench.evaluate import docs as docs_io
+    from bench.leaderboard import CHANCE, REFERENCE, frame, markdown
+    from bench.report import cells
+
+    records = [_rec("dense", 0.0, ppl=10.0, accs=(36 / 40, 36 / 40)), _rec("alpha", 0.2, ppl=20.0, accs=(0.8, 0.8)),
+               _rec("beta", 0.2, ppl=90.0, accs=(10 / 40, 20 / 40))]
+    docs = [_docs(36, 36), _docs(32, 32), _docs(10, 20)]
+    df = frame(records, docs)
+    assert list(df["method"]) == ["dense", CHANCE, "alpha", "beta"]
+    for draw in (plots.draw_accuracy, plots.draw_tasks):  # a dotted line at the guess's accuracy, in the legend
+        (ax,) = plots.figure(draw, [("t", cells(df))]).axes
+        assert "chance (uniform guess)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert CHANCE not in [t.get_text() for t in ax.get_legend().get_texts()]  # not drawn as a method
+    row = df.set_index("method").loc[CHANCE]
+    arc = (36 * 0.25 + 4 * 0.2) / 40
+    assert (row["ARC-e"], row["PIQA"]) == pytest.approx((arc, 0.5))
+    assert row["mean_acc"] == pytest.approx((arc + 0.5) / 2)
+    assert row["retained"] == pytest.approx((arc + 0.5) / 2 / 0.9)
+    assert row["status"] == REFERENCE and row["near_best"] is None and row["vs_chance"] is None
+    marks = df.set_index("method")["vs_chance"]
+    assert marks["beta"].startswith("≈ ")  # 10/40 and 20/40: a guess
+    assert not marks["alpha"].startswith("≈") and not marks["dense"].startswith("≈")
+    assert float(marks["alpha"].split("±")[0]) == pytest.approx(0.8 - (arc + 0.5) / 2, abs=6e-4)  # 3 digits
+    assert df.set_index("method").loc["alpha", "near_best"] == "best"
+    assert "| chance " in markdown(df) and "Δchance (paired)" in markdown(df)
+    assert "chance" not in list(frame(records)["method"])  # no side files, no chance row
+    for r, d in zip(records, docs, strict=True):
+        r.metrics["zero_shot_docs"] = {"tasks": d}
+        docs_io.write_beside(tmp_path / "results", r)
+        write_record(tmp_path / "results", r)
+    leaderboard.write(tmp_path / "results", tmp_path / "lb")
+    t = _table((tmp_path / "lb" / "index.html").read_text(), model_has="beta")
+    assert [r["method"][1] for r in t["pinned"]] == ["dense", CHANCE]
+    html = (tmp_path / "lb" / "index.html").read_text()
+    assert t["pinned"][1]["status"][1] == REFERENCE and '<tr class=""><td data-v="chance"' in html  # not a failure
+    assert 'class="err text">reference' not in html

@@ -60,6 +60,23 @@ def test_flip_rate_and_paired_tasks_align_documents_by_id() -> None:
     assert (p.n, p.a_only, p.b_only) == (4, 1, 0) and p.diff == pytest.approx(-0.25)
 
 
+def test_chance_is_one_over_the_choices_and_above_chance_is_a_one_sample_paired_test() -> None:
+    # task a: 4 documents of 4 choices, 3 right; task b: 2 of 2 choices and 2 of 3 choices, 2 right
+    docs = {"a": {"correct": [1, 1, 1, 0], "ll": [[0.0] * 4] * 4},
+            "b": {"correct": [1, 0, 0, 1], "ll": [[0.0] * 2, [0.0] * 2, [0.0] * 3, [0.0] * 3]}}
+    chance = stats.chance(docs)
+    assert chance == pytest.approx({"a": 0.25, "b": (0.5 + 0.5 + 1 / 3 + 1 / 3) / 4})
+    p = stats.above_chance(docs)
+    # a: d = correct - 1/4 has mean 0.5 and the binomial sd of [1, 1, 1, 0]; b: d = [1/2, -1/2, -1/3, 2/3]
+    d_b = [0.5, -0.5, -1 / 3, 2 / 3]
+    se_a = math.sqrt(0.75 / 3 / 4)  # sample variance of [1, 1, 1, 0] is 0.25, / n
+    se_b = math.sqrt(sum((x - sum(d_b) / 4) ** 2 for x in d_b) / 3 / 4)
+    assert p.diff == pytest.approx((0.5 + sum(d_b) / 4) / 2)
+    assert p.se == pytest.approx(math.hypot(se_a, se_b) / 2)
+    assert p.n == 8 and p.a_only == p.b_only == 0  # a guess is not a cell: no McNemar counts
+    assert stats.above_chance({"a": {"correct": [1, 0], "ll": []}}) is None  # no per-choice figures, no test
+
+
 def test_allocation_is_proportional_and_sums_to_n() -> None:
     assert sample.allocate({"yes": 62, "no": 38}, 40) == {"yes": 25, "no": 15}  # 24.8 and 15.2
     assert sum(sample.allocate({0: 1, 1: 1, 2: 1}, 2).values()) == 2
