@@ -262,6 +262,19 @@ def _docs_note(records: list[Record]) -> str:
             f" level); verdict: |B-A| <= {Z} SE is within noise; McNemar p: exact test on the documents that flip.")
 
 
+def _chance_note(docs_a: list[dict | None], docs_b: list[dict | None]) -> str:
+    """How far each side's mean accuracy is above a uniform guess on the same documents (``stats.above_chance``,
+    seeds as ``stats.over_seeds``); empty unless every record's side file has per-choice log-likelihoods."""
+    sides = []
+    for name, found in (("A", docs_a), ("B", docs_b)):
+        per_seed = [stats.above_chance(d) if d is not None else None for d in found]
+        if not per_seed or None in per_seed:
+            return ""
+        p = stats.over_seeds(per_seed)
+        sides.append(f"{name} {p.diff:+.3f} ± {p.se:.3f}{' (cannot be told from guessing)' if p.within_noise() else ''}")
+    return f"Mean accuracy above a uniform guess on the same documents (1 / choices): {', '.join(sides)}."
+
+
 def _windows_note(rows_: list[Row]) -> str:
     paired = [r for r in rows_ if r.windows]
     if not paired:
@@ -274,7 +287,7 @@ def _windows_note(rows_: list[Row]) -> str:
 
 def _comparison(title: str, a: list[Record], b: list[Record], docs_a: list[dict | None],
                 docs_b: list[dict | None]) -> Comparison:
-    notes = [_docs_note(a + b)]
+    notes = [_docs_note(a + b), _chance_note(docs_a, docs_b)]
     if any(d is None for d in (*docs_a, *docs_b)):
         notes.append("a record has no per-document side file (.docs.json.gz): no paired SE or verdict for accuracy")
     ta, tb = set(a[0].metrics.get("tasks") or {}), set(b[0].metrics.get("tasks") or {})

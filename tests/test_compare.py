@@ -37,7 +37,8 @@ def _side(rec: Record) -> dict:
     out = {}
     for task, res in rec.metrics["tasks"].items():
         k = round(res[res["main"]] * DOCS)
-        out[task] = {"doc_id": list(range(DOCS)), "correct": [1] * k + [0] * (DOCS - k)}
+        out[task] = {"doc_id": list(range(DOCS)), "correct": [1] * k + [0] * (DOCS - k),
+                     "ll": [[0.0] * (4 if task == "arc_easy" else 2)] * DOCS}
     return out
 
 
@@ -81,7 +82,7 @@ def test_leaderboard_marks_are_paired_over_the_side_files(results, tmp_path):
     rows = {(r.method, r.target, r.seed): r for r in df.itertuples()}
     assert rows["good", 0.2, 0].mean_acc_se == pytest.approx(math.sqrt(2) * SE / 2)
     marks = {(m, t): rows[m, t, 0].near_best for m, t, _ in rows}
-    assert marks == {("dense", 0.0): None, ("good", 0.2): "best", ("close", 0.2): "≈", ("worse", 0.2): "",
+    assert marks == {("dense", 0.0): None, ("chance", 0.0): None, ("good", 0.2): "best", ("close", 0.2): "≈", ("worse", 0.2): "",
                      ("bad", 0.2): "", ("bad", 0.4): "best"}
     # worse - good: 3 of 40 documents flip per task: mean -0.075, per task SE sqrt((3 - 40 * 0.075^2) / 39 / 40),
     # two tasks: / sqrt(2). The unpaired test on 40 documents (binomial SE sqrt(p (1 - p) / 39) per task and
@@ -142,6 +143,10 @@ def test_compare_methods_rows_and_verdicts(results):
 
     (c,) = compare.compare("good", "bad", str(results), ratios=[0.2])
     assert _by_metric(c)["mean_acc"].verdict == "A better"
+    # above a guess (arc_easy 4 choices, boolq 2): good +0.325, bad 0.15 and -0.10 -> +0.025, within noise
+    (note,) = [n for n in c.notes if "uniform guess" in n]
+    bad_se = math.hypot(math.sqrt(0.4 * 0.6 / 39 * 40 / 40), math.sqrt(0.4 * 0.6 / 39)) / 2
+    assert "A +0.325 ± " in note and f"B +0.025 ± {bad_se:.3f} (cannot be told from guessing)" in note
 
 
 def test_compare_pairs_seeds_and_the_dense_model(results):
