@@ -81,7 +81,11 @@ def frame(records: list[Record], docs: list[dict | None] | None = None) -> pd.Da
         for task, res in (m.get("tasks") or {}).items():
             row[TASK_SHORT.get(task, task)] = main_acc(res)
         rows.append(row)
-    rows += [c for i in dense.values() if docs[i] is not None and (c := _chance_row(records[i], docs[i]))]
+    with_docs = {}  # per model and suite, the first dense record with a side file
+    for i, r in enumerate(records):
+        if r.method == DENSE and r.status == "ok" and docs[i] is not None:
+            with_docs.setdefault((r.model["name"], r.suite["name"]), i)
+    rows += [c for i in with_docs.values() if (c := _chance_row(records[i], docs[i]))]
     df = pd.DataFrame(rows)
     if df.empty:
         return df

@@ -35,8 +35,8 @@ from bench.leaderboard import (
 from bench.records import Record
 
 KEYS = ["model", "suite", "method", "target"]
-MARKS = ["near_best", "vs_best", "ppl_near_best", "ppl_vs_best", "vs_chance"]  # one per cell, the same on each
-# seed's row
+#: one per cell, the same on each seed's row
+MARKS = ["near_best", "vs_best", "ppl_near_best", "ppl_vs_best", "vs_chance"]
 PINNED = {DENSE: 0, CHANCE: 1}  # rows kept on top of a section, in this order
 TEXT = ["model", "suite", "method", "seed", "budget", "status", *MARKS]
 FLOOR = 0.6  # a share of the dense accuracy at or below this is full red; 1.0 and above full green
