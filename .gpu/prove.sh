@@ -147,12 +147,13 @@ def records(root):
         r = json.loads(f.read_text())
         if isinstance(r, dict) and "metrics" in r and r.get("seed") == 0:
             yield r
-cpu = {(r["method"], r.get("target_ratio"), json.dumps(r.get("knob_overrides") or {}, sort_keys=True)):
-       r["metrics"].get("perplexity") for r in records(sys.argv[2])}
+def cell(r):  # the suite too: results/ holds quick and standard records of the same method and ratio
+    return (r["suite"]["name"], r["method"], r.get("target_ratio"),
+            json.dumps(r.get("knob_overrides") or {}, sort_keys=True))
+cpu = {cell(r): r["metrics"].get("perplexity") for r in records(sys.argv[2])}
 print("method | ratio | CPU float32 ppl | GPU ppl (dtype, device) | diff | seconds")
 for r in records(sys.argv[1]):
-    key = (r["method"], r.get("target_ratio"), json.dumps(r.get("knob_overrides") or {}, sort_keys=True))
-    g, c = r["metrics"].get("perplexity"), cpu.get(key)
+    g, c = r["metrics"].get("perplexity"), cpu.get(cell(r))
     diff = f"{(g / c - 1) * 100:+.2f} %" if c and g else "-"
     hw = r.get("environment", {}).get("hardware", {}).get("device_name")
     print(f"{r['method']} | {r.get('target_ratio')} | {c} | {g} ({r.get('model', {}).get('dtype')}, {hw}) | {diff} | "
