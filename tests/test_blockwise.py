@@ -14,6 +14,7 @@ from bench import placement as placement_mod
 from bench.adapters import get_adapter
 from bench.budget import count_params
 from bench.errors import UserError
+from bench.leaderboard import REFERENCE
 from bench.placement import Placement, module_bytes
 from methods.jointdrop import sublayer_importance
 
@@ -256,7 +257,8 @@ def test_bench_run_offloaded_under_a_small_device_budget_matches_the_resident_ru
 
     for where, flag in (("resident", False), ("offload", True)):
         csv = pd.read_csv(tmp_path / where / "lb" / "leaderboard.csv")
-        assert csv["offloaded"].tolist() == [flag] * len(csv)  # latency read with that in mind
+        csv = csv[csv["status"] != REFERENCE]  # the chance row ran nowhere
+        assert csv["offloaded"].tolist() == [flag] * len(csv) == [flag] * 5  # latency read with that in mind
 
 
 def test_bench_run_refuses_a_device_too_small_for_one_block(tmp_path, deep_model_dir, capsys):
