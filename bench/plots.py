@@ -33,9 +33,21 @@ def _ok(cells: pd.DataFrame) -> pd.DataFrame:
     return cells[cells["status"] == "ok"]
 
 
-def _colours(cells: pd.DataFrame) -> dict[str, str]:
+def colours(cells: pd.DataFrame) -> dict[str, int]:
+    """A place per method (dense and chance aside), in order of first appearance: its colour is place % 10, its
+    marker changes with each round of 10. ``figure`` and the HTML report compute it over every panel and pin it on
+    each panel's cells (``attrs["colours"]``), so a method looks the same in every panel."""
     methods = [m for m in dict.fromkeys(cells["method"]) if m not in (DENSE, CHANCE)]
-    return {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    return {m: i for i, m in enumerate(methods)}
+
+
+MARKERS = "osD^v<>p"  # the 10 colours repeat past 10 methods: the marker tells the rounds apart
+
+
+def _style(cells: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    """Colour and marker of each method these cells hold, from the pinned places when there are some."""
+    place = cells.attrs.get("colours") or colours(cells)
+    return {m: (f"C{place[m] % 10}", MARKERS[place[m] // 10 % len(MARKERS)]) for m in colours(cells)}
 
 
 def _err(c: pd.DataFrame, col: str, scale: float = 1.0):
@@ -56,13 +68,12 @@ def _by_method(ax: Axes, cells: pd.DataFrame, x: str, y: str, x_scale: float) ->
     if not dense.empty:
         ax.axhline(dense[y].iloc[0], color="grey", ls="--", lw=1)
         ax.plot(x_scale * dense[x].iloc[0], dense[y].iloc[0], "*", color="black", ms=12, label=DENSE, zorder=4)
-    markers = "osD^v<>p"  # the 10 colours repeat past 10 methods: the marker tells the rounds apart
-    for i, (method, colour) in enumerate(_colours(cells).items()):
+    for method, (colour, marker) in _style(cells).items():
         c = ok[ok["method"] == method].sort_values(x)
         if c.empty:
             continue
         ax.errorbar(x_scale * c[x], c[y], yerr=_err(c, y), xerr=_err(c, x, x_scale),
-                    marker=markers[i // 10 % len(markers)], capsize=3, color=colour, label=method)
+                    marker=marker, capsize=3, color=colour, label=method)
     missed = ok[_missed(ok)]
     handles = ax.get_legend_handles_labels()[0]
     if not missed.empty:
@@ -143,7 +154,7 @@ def draw_tasks(ax: Axes, cells: pd.DataFrame) -> None:
     tasks = [t for t in task_columns(cells) if ok[t].notna().any()]
     if ok.empty or not tasks:
         return
-    colours = _colours(cells)
+    style = _style(cells)
     width = 0.8 / len(ok)
     for i, (_, row) in enumerate(ok.iterrows()):
         same = ok[ok["method"] == row["method"]]["target"].rank(method="dense")
@@ -151,7 +162,7 @@ def draw_tasks(ax: Axes, cells: pd.DataFrame) -> None:
         dense = row["method"] == DENSE
         ax.bar([j - 0.4 + (i + 0.5) * width for j in range(len(tasks))], [row[t] for t in tasks], width,
                yerr=[[row[t] - row[f"{t}_min"] for t in tasks], [row[f"{t}_max"] - row[t] for t in tasks]]
-               if row["n"] > 1 else None, capsize=1.5, color="black" if dense else colours[row["method"]], alpha=1 - 0.55 * fade,
+               if row["n"] > 1 else None, capsize=1.5, color="black" if dense else style[row["method"]][0], alpha=1 - 0.55 * fade,
                label=DENSE if dense else f"{row['method']} @ {100 * row['target']:.0f}%")
     chance = _chance(cells)
     if chance is not None:
@@ -174,7 +185,12 @@ def figure(draw: Draw, groups: list[tuple[str, pd.DataFrame]], size: tuple[float
     """One axes per (title, cells) group, side by side, on an Agg canvas (its renderer measures the legends)."""
     fig = Figure(figsize=(size[0] * len(groups), size[1]), layout="constrained")
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    frames = [cells for _, cells in groups if isinstance(cells, pd.DataFrame)]  # a draw may take no cells
+    shared = colours(pd.concat(frames)) if frames else {}
     for ax, (title, cells) in zip(axes, groups, strict=True):
+        if isinstance(cells, pd.DataFrame):
+            cells = cells.copy()
+            cells.attrs["colours"] = cells.attrs.get("colours") or shared
         draw(ax, cells)
         ax.set_title(title, fontsize="medium")
     renderer = FigureCanvasAgg(fig).get_renderer()

@@ -149,6 +149,10 @@ def write(records: list[Record], out_dir: str | Path, problems: Iterable[str] = 
     if not df.empty:
         groups = [(f"{model} — suite {suite}", g.reset_index(drop=True))
                   for (model, suite), g in cells(df).groupby(["model", "suite"], sort=True)]
+    if groups:  # one colour per method on every section's plots
+        shared = plots.colours(pd.concat([rows for _, rows in groups]))
+        for _, rows in groups:
+            rows.attrs["colours"] = shared
     body = "".join(_section(title, rows, i) for i, (title, rows) in enumerate(groups)) or "<p>No records yet.</p>"
     trained = curves.runs(records, df) if not df.empty else []
     body += _training(trained)

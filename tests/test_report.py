@@ -506,3 +506,34 @@ def test_chance_is_a_reference_row_under_dense_never_ranked_and_every_cell_is_te
     html = (tmp_path / "lb" / "index.html").read_text()
     assert t["pinned"][1]["status"][1] == REFERENCE and '<tr class=""><td data-v="chance"' in html  # not a failure
     assert 'class="err text">reference' not in html
+
+
+def test_a_method_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
+    """The quick and standard panels side by side once gave JointDrop orange in one and green in the other: colours
+    went by the order of the methods within each panel."""
+    import pandas as pd
+
+    from bench import plots, report
+
+    def panel(methods):
+        rows = [{"method": "dense", "status": "ok", "achieved": 0.0, "mean_acc": 0.5, "budget": "-"}]
+        rows += [{"method": m, "status": "ok", "achieved": 0.1 * (i + 1), "mean_acc": 0.4, "budget": "ok"}
+                 for i, m in enumerate(methods)]
+        cells = pd.DataFrame(rows)
+        for col in ("achieved", "mean_acc"):
+            cells[f"{col}_min"] = cells[f"{col}_max"] = cells[col]
+        return cells
+
+    fig = plots.figure(plots.draw_accuracy, [("a", panel(["x", "y"])), ("b", panel(["z", "y"]))])
+    seen = [{c.get_label(): c.lines[0].get_color() for c in ax.containers} for ax in fig.axes]
+    assert seen[0]["y"] == seen[1]["y"] and len({seen[0]["x"], seen[0]["y"], seen[1]["z"]}) == 3
+
+    # the HTML report draws one section at a time: it pins the same places on every section's cells
+    pinned = []
+    real = plots.figure
+    monkeypatch.setattr(plots, "figure", lambda draw, groups, *a: pinned.append(groups[0][1].attrs["colours"])
+                        or real(draw, groups, *a))
+    records = [_rec("dense", 0.0, ppl=10.0), _rec("alpha", 0.2, ppl=20.0), _rec("beta", 0.2, ppl=30.0),
+               _rec("dense", 0.0, ppl=10.0, model="tiny-2"), _rec("beta", 0.2, ppl=30.0, model="tiny-2")]
+    report.write(records, tmp_path / "lb")
+    assert pinned and all(p == pinned[0] for p in pinned) and set(pinned[0]) == {"alpha", "beta"}
