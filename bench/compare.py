@@ -263,14 +263,13 @@ def _docs_note(records: list[Record]) -> str:
 
 
 def _chance_note(docs_a: list[dict | None], docs_b: list[dict | None]) -> str:
-    """How far each side's mean accuracy is above a uniform guess on the same documents (``stats.above_chance``,
-    seeds as ``stats.over_seeds``); empty unless every record's side file has per-choice log-likelihoods."""
+    """How far each side's mean accuracy is above a uniform guess on the same documents
+    (``stats.above_chance_over_seeds``); empty unless every record's side file has per-choice log-likelihoods."""
     sides = []
     for name, found in (("A", docs_a), ("B", docs_b)):
-        per_seed = [stats.above_chance(d) if d is not None else None for d in found]
-        if not per_seed or None in per_seed:
+        p = stats.above_chance_over_seeds(found)
+        if p is None:
             return ""
-        p = stats.over_seeds(per_seed)
         sides.append(f"{name} {p.diff:+.3f} ± {p.se:.3f}{' (cannot be told from guessing)' if p.within_noise() else ''}")
     return f"Mean accuracy above a uniform guess on the same documents (1 / choices): {', '.join(sides)}."
 

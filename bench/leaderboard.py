@@ -24,6 +24,11 @@ COLLAPSE_FACTOR = 100.0
 #: the reference row under the dense one: the accuracy a uniform guess expects on the same documents
 CHANCE = "chance"
 REFERENCE = "reference"  # its status: not a cell, never ranked
+
+
+def flagged(status: str) -> bool:
+    """Whether a row's status marks it in the tables (failed or collapsed; not ok, not the chance reference)."""
+    return status not in ("ok", REFERENCE)
 LABELS = {"mean_acc_se": "±", "seed_sd": "seed sd", "near_best": "≈best", "vs_best": "Δbest (paired)",
           "ppl_near_best": "ppl≈best", "ppl_vs_best": "Δppl best (paired)", "vs_chance": "Δchance (paired)",
           "kl": "KL", "kl_p99": "KL p99", "top1": "top-1 agr", "flip": "flip"}  # column headers in the tables
@@ -36,10 +41,12 @@ def frame(records: list[Record], docs: list[dict | None] | None = None) -> pd.Da
     and the flip rate are paired over those documents; without them a cell gets no mark.
     """
     docs = docs if docs is not None else [None] * len(records)
-    dense = {}
+    dense, with_docs = {}, {}  # per model and suite: the last dense record; the first one with a side file
     for i, r in enumerate(records):
         if r.method == DENSE and r.status == "ok":
             dense[(r.model["name"], r.suite["name"])] = i
+            if docs[i] is not None:
+                with_docs.setdefault((r.model["name"], r.suite["name"]), i)
     rows = []
     for i, r in enumerate(records):
         m, b = r.metrics, r.budget
@@ -81,10 +88,6 @@ def frame(records: list[Record], docs: list[dict | None] | None = None) -> pd.Da
         for task, res in (m.get("tasks") or {}).items():
             row[TASK_SHORT.get(task, task)] = main_acc(res)
         rows.append(row)
-    with_docs = {}  # per model and suite, the first dense record with a side file
-    for i, r in enumerate(records):
-        if r.method == DENSE and r.status == "ok" and docs[i] is not None:
-            with_docs.setdefault((r.model["name"], r.suite["name"]), i)
     rows += [c for i in with_docs.values() if (c := _chance_row(records[i], docs[i]))]
     df = pd.DataFrame(rows)
     if df.empty:
@@ -245,17 +248,15 @@ def _mark_ppl(df: pd.DataFrame, records: list[Record]) -> pd.DataFrame:
 
 def _mark_chance(df: pd.DataFrame, docs: list[dict | None]) -> pd.DataFrame:
     """Adds ``vs_chance`` after ``retained``: each cell's mean accuracy minus what a uniform guess expects on the
-    same documents, with its SE (``stats.above_chance``, seeds as ``stats.over_seeds``), prefixed "≈" where it is
+    same documents, with its SE (``stats.above_chance_over_seeds``), prefixed "≈" where it is
     within noise of the guess; None without per-document outcomes. Collapsed cells get it too: it says whether
     their answers are guesses."""
     df.insert(df.columns.get_loc("retained") + 1, "vs_chance", None)
     scored = df[df["_row"].ge(0) & df["mean_acc"].notna() & ~df["status"].astype(str).str.startswith("failed")]
     for _, cell in scored.groupby(CELL, sort=False):
-        per_seed = [docs[i] for i in cell["_row"]]
-        found = [stats.above_chance(d) for d in per_seed if d is not None]
-        if not found or None in found or len(found) < len(per_seed):
+        p = stats.above_chance_over_seeds([docs[i] for i in cell["_row"]])
+        if p is None:
             continue
-        p = stats.over_seeds(found)
         mark = f"{'≈ ' if p.within_noise() else ''}{p.diff:+.3f}±{p.se:.3f}"
         for idx in cell.index:
             df.at[idx, "vs_chance"] = mark
@@ -413,7 +414,7 @@ def rich_table(df: pd.DataFrame, title: str = "slimbench"):
         table.add_column(col, justify="left" if col in ("method", "budget", "status") else "right",
                          overflow="fold", max_width=40 if col == "status" else None)
     for _, row in shown.iterrows():
-        style = "red" if row.get("status", "ok") not in ("ok", REFERENCE) else ("yellow" if str(row.get("budget")).startswith("MISSED")
+        style = "red" if flagged(row.get("status", "ok")) else ("yellow" if str(row.get("budget")).startswith("MISSED")
                                                                else None)
         table.add_row(*[str(v) for v in row.values], style=style)
     return table

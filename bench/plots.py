@@ -46,8 +46,9 @@ MARKERS = "osD^v<>p"  # the 10 colours repeat past 10 methods: the marker tells 
 
 def _style(cells: pd.DataFrame) -> dict[str, tuple[str, str]]:
     """Colour and marker of each method these cells hold, from the pinned places when there are some."""
-    place = cells.attrs.get("colours") or colours(cells)
-    return {m: (f"C{place[m] % 10}", MARKERS[place[m] // 10 % len(MARKERS)]) for m in colours(cells)}
+    own = colours(cells)
+    place = cells.attrs.get("colours") or own
+    return {m: (f"C{place[m] % 10}", MARKERS[place[m] // 10 % len(MARKERS)]) for m in own}
 
 
 def _err(c: pd.DataFrame, col: str, scale: float = 1.0):

@@ -26,9 +26,9 @@ from bench.leaderboard import (
     COLUMNS,
     DENSE,
     LABELS,
-    REFERENCE,
     TASK_SHORT,
     _fmt,
+    flagged,
     frame,
     noise_legend,
 )
@@ -96,7 +96,7 @@ def _td(row: pd.Series, col: str, dense: pd.Series | None, tasks: list[str]) -> 
     value = row[col]
     if col in ("method", "budget", "status", "seeds", *MARKS):
         cls = {"method": "text", "budget": "flag" if str(value).startswith("MISSED") else "",
-               "status": "err text" if value not in ("ok", REFERENCE) else ""}.get(col, "")
+               "status": "err text" if flagged(value) else ""}.get(col, "")
         value = _fmt(value, col) if col in MARKS else value
         key = row["n"] if col == "seeds" else NEAR_RANK.get(row[col], "") if col.endswith("near_best") else value
         return f'<td data-v="{escape(str(key))}" class="{cls}">{escape(str(value))}</td>'
@@ -115,8 +115,7 @@ def _td(row: pd.Series, col: str, dense: pd.Series | None, tasks: list[str]) -> 
 
 
 def _tr(row: pd.Series, cols: list[str], dense: pd.Series | None, tasks: list[str]) -> str:
-    cls = "failed" if row["status"] not in ("ok", REFERENCE) else "missed" if str(row["budget"]).startswith("MISSED") \
-        else ""
+    cls = "failed" if flagged(row["status"]) else "missed" if str(row["budget"]).startswith("MISSED") else ""
     return f'<tr class="{cls}">' + "".join(_td(row, c, dense, tasks) for c in cols) + "</tr>\n"
 
 

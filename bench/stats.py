@@ -128,6 +128,13 @@ def above_chance(docs: dict[str, dict]) -> Paired | None:
     return mean_over_tasks(per_task) if per_task else None
 
 
+def above_chance_over_seeds(per_seed: Sequence[dict[str, dict] | None]) -> Paired | None:
+    """``above_chance`` of each seed's side file, seeds as ``over_seeds``; None when a seed lacks one or its
+    per-choice log-likelihoods."""
+    found = [above_chance(d) if d is not None else None for d in per_seed]
+    return None if not found or None in found else over_seeds(found)
+
+
 def flip_rate(ref: dict[str, dict], other: dict[str, dict]) -> float | None:
     """Share of documents (all tasks pooled) whose correctness differs between two cells, either way."""
     flips = total = 0
