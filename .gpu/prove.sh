@@ -83,10 +83,12 @@ for half in a b c; do
   if [ -d .gpu-assets/$half ]; then mkdir -p $STAGE/$half && cp -r .gpu-assets/$half/. $STAGE/$half/; fi
 done
 if [ -f $STAGE/c/corpus.tar.xz ] && [ ! -d $STAGE/c/site ]; then tar xJf $STAGE/c/corpus.tar.xz -C $STAGE/c; fi
-if [ -d $STAGE/a/wheels ] && [ ! -d /tmp/gguf-site/gguf ]; then  # the gguf reader, and the transformers of the CPU
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gguf-site $STAGE/a/wheels/*.whl \
-    >>"$LOG" 2>&1                                                  # records, ahead of the machine's own
-fi
+for half in a c; do  # a: the gguf reader; c: the transformers of the CPU records, ahead of the machine's own
+  if [ -d $STAGE/$half/wheels ] && [ ! -f $STAGE/$half/installed ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/gguf-site $STAGE/$half/wheels/*.whl \
+      >>"$LOG" 2>&1 && touch $STAGE/$half/installed
+  fi
+done
 [ -d /tmp/gguf-site ] && export PYTHONPATH=/tmp/gguf-site:$PYTHONPATH
 
 {
