@@ -316,7 +316,10 @@ def project(cells: list[Cell], setup: Setup, target: Shape = SHAPES[PROJECTED]) 
     blocks; k is fitted between the two largest measured shapes and kept within [1, 1.5] (a block's forward grows as
     its parameters, its SVDs and eigendecompositions as width^3 = params^1.5), 1.5 when only one shape was measured.
     Memory: :func:`block_facts` of the target built on the meta device: with offload, the device holds the non-block
-    parts and one block with its statistics and activations, and the host holds the whole model.
+    parts and one block with its statistics and activations, and the host holds the whole model. Where a GPU measured
+    the method with offload, its device peak is also projected from that measurement: the measured peak times the
+    target's one-block formula over the measured shape's (on an H200, SliceGPT's 7B peak was 2.3x the formula, so
+    the formula alone would promise 70B a peak it does not have).
     Cells that trained are left out: their seconds are the token budget's, not the blocks' (their tokens/s is shown).
     """
     facts = block_facts(build(target, "meta", setup.torch_dtype), setup)
@@ -337,21 +340,25 @@ def project(cells: list[Cell], setup: Setup, target: Shape = SHAPES[PROJECTED]) 
             k, how = 1.5, "assumed (one measured shape)"
         growth = facts["block_params"] / ref.facts["block_params"]
         per_block = ref.seconds_per_block * growth ** k
+        check = _check(cells, method)
+        scaled = (None if check is None
+                  else round(check["measured_device_peak_bytes"] * facts["one_block_bytes"] / check["formula_bytes"]))
         out.append({"projected": True, "shape": target.name, "method": method, "blocks": facts["blocks"],
                     "params": facts["params"], "dtype": setup.dtype, "from_shape": ref.shape, "exponent": k,
                     "exponent_source": how, "block_growth": growth, "seconds_per_block": per_block, "seconds": per_block * facts["blocks"],
                     "device_peak_bytes_offload": facts["one_block_bytes"], "host_bytes_offload": facts["model_bytes"],
-                    "facts": facts, "check": _check(cells, method)})
+                    "device_peak_bytes_scaled": scaled, "facts": facts, "check": check})
     return out
 
 
 def _check(cells: list[Cell], method: str) -> dict | None:
-    """The one-block formula against the device peak of the largest shape measured with offload on a GPU, if any."""
+    """The one-block formula against the device peak of the largest shape measured with offload on a GPU, if any
+    (of several such cells, the highest peak: the projection is there to say whether the target fits)."""
     offloaded = [c for c in cells if c.method == method and c.status == "ok" and c.offload
                  and c.peak_device_bytes is not None]
     if not offloaded:
         return None
-    c = max(offloaded, key=lambda c: c.facts["block_params"])
+    c = max(offloaded, key=lambda c: (c.facts["block_params"], c.peak_device_bytes))
     return {"shape": c.shape, "blocks": c.blocks, "formula_bytes": c.facts["one_block_bytes"],
             "measured_device_peak_bytes": c.peak_device_bytes}
 
@@ -370,8 +377,10 @@ def projection_lines(projections: list[dict]) -> list[str]:
         c = p["check"]
         far = (f"; NOT A FORECAST: {p['block_growth']:,.0f}x beyond the largest measured block, where fixed overheads "
                "dominate; measure llama2-7b or llama2-13b" if p["block_growth"] > MAX_GROWTH else "")
-        check = ("" if c is None else f"; one-block formula {c['formula_bytes'] / GB:.2f} GB vs "
-                 f"{c['measured_device_peak_bytes'] / GB:.2f} GB measured on {c['shape']} ({c['blocks']} blocks)")
+        check = ("" if c is None else f"; device peak {p['device_peak_bytes_scaled'] / GB:.1f} GB = "
+                 f"{c['measured_device_peak_bytes'] / GB:.2f} GB measured on {c['shape']} ({c['blocks']} blocks) x "
+                 f"{p['facts']['one_block_bytes'] / c['formula_bytes']:.2f}, the one-block formula's growth "
+                 f"({c['formula_bytes'] / GB:.2f} GB there)")
         lines.append(f"PROJECTED, not measured: {p['shape']} {p['method']}: {_duration(p['seconds'])} "
                      f"({p['seconds_per_block']:.3g} s/block = {p['from_shape']}'s x {p['block_growth']:,.1f}^"
                      f"{p['exponent']:.2f}, the block-size ratio to the power {p['exponent_source']}{far}{check})")

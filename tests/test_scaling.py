@@ -152,3 +152,23 @@ def test_a_trained_cell_records_its_tokens_per_second_and_is_not_projected(tmp_p
     assert "trained 64 tokens at" in out and "train tokens/s" in out
     projected = {p["method"] for p in json.loads(path.read_text())["projections"]}
     assert projected == {"shortgpt"}
+
+
+def test_a_gpu_measured_peak_is_projected_by_the_formulas_growth_and_the_highest_of_a_shape_counts():
+    """SliceGPT's 7B peak on an H200 was 2.3x the one-block formula: the 70B projection carries the measured excess
+    (measured x formula(70B) / formula(7B)), from the highest peak measured at the largest shape; without an
+    offloaded GPU measurement there is no such figure."""
+    setup = scaling.Setup(calib_samples=128, calib_seq_len=2048, dtype="bfloat16")
+    seven = scaling.SHAPES["llama2-7b"]
+    low, high = _cell(seven, 2.0, setup), _cell(seven, 2.0, setup)
+    formula = low.facts["one_block_bytes"]
+    for cell, times in ((low, 1.5), (high, 2.3)):
+        cell.offload, cell.device, cell.peak_device_bytes = True, "cuda", round(times * formula)
+    (p,) = scaling.project([low, high], setup)
+    target = p["facts"]["one_block_bytes"]
+    assert p["check"]["measured_device_peak_bytes"] == high.peak_device_bytes
+    assert p["device_peak_bytes_scaled"] == pytest.approx(2.3 * target, rel=1e-9)
+    assert f"device peak {2.3 * target / scaling.GB:.1f} GB" in scaling.projection_lines([p])[1]
+    (unmeasured,) = scaling.project([_cell(seven, 2.0, setup)], setup)
+    assert unmeasured["device_peak_bytes_scaled"] is None and "device peak" not in scaling.projection_lines(
+        [unmeasured])[1]
