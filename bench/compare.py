@@ -21,7 +21,7 @@ from pathlib import Path
 from bench import stats
 from bench.errors import UserError
 from bench.evaluate import docs as docs_io
-from bench.evaluate.efficiency import latency_doubt
+from bench.evaluate.efficiency import latency_doubt, other_hardware
 from bench.records import Record, latest, load_records, read_record
 
 Z = 1.96  # two-sided 95 %
@@ -92,6 +92,7 @@ class Metric:
     scale: float = 1.0
     windows: Callable[[Record], list | None] | None = None  # the metric window by window, paired over windows
     log_scale: bool = False  # ``windows`` holds the log of the metric (perplexity: mean NLL per window)
+    hardware_bound: bool = False  # a speed: A and B are shown but not compared when they ran on other hardware
 
 
 def window_values(r: Record, where: str, key: str) -> list[float] | None:
@@ -169,8 +170,14 @@ def _metrics(a: list[Record], b: list[Record]) -> list[Metric]:
                    digits=4, windows=lambda r: window_values(r, "closeness", "window_top1")),
             Metric("achieved ratio (%)", lambda r: _number(r.budget.get("achieved_ratio")), digits=1, scale=100),
             Metric("params (M)", m("params"), higher_is_better=False, digits=2, scale=1e-6),
-            Metric("prefill (ms)", timed("prefill_ms"), higher_is_better=False, digits=1),
-            Metric("decode (tokens/s)", timed("decode_tokens_per_s"), digits=1)]
+            Metric("prefill (ms)", timed("prefill_ms"), higher_is_better=False, digits=1, hardware_bound=True),
+            Metric("decode (tokens/s)", timed("decode_tokens_per_s"), digits=1, hardware_bound=True)]
+
+
+def _elsewhere(a: list[Record], b: list[Record]) -> str | None:
+    """Why A's and B's speeds cannot be compared (a pair of records ran on different hardware), or None."""
+    return next((why for x, y in zip(a, b, strict=True) if (why := other_hardware(y.environment, x.environment))),
+                None)
 
 
 def _paired(metric: Metric, docs_a: list[dict | None], docs_b: list[dict | None]) -> stats.Paired | None:
@@ -186,10 +193,10 @@ def rows(a: list[Record], b: list[Record], docs_a: list[dict | None] | None = No
     """Metric by metric, A against B over paired records (``a[i]`` and ``b[i]`` share a ratio and seed);
     ``docs_a[i]`` holds ``a[i]``'s per-document outcomes, which the accuracy verdicts are paired over."""
     docs_a, docs_b = docs_a or [None] * len(a), docs_b or [None] * len(b)
-    out = []
+    out, elsewhere = [], _elsewhere(a, b)
     for metric in _metrics(a, b):
         av, bv = [metric.value(r) for r in a], [metric.value(r) for r in b]
-        if any(v is None for v in av + bv):
+        if any(v is None for v in av + bv) or (metric.hardware_bound and elsewhere):
             known = [v for v in av if v is not None], [v for v in bv if v is not None]
             mean = [metric.scale * statistics.fmean(k) if k else None for k in known]
             out.append(Row(metric.name, *mean, None, None, None, "", metric.digits))
@@ -294,6 +301,8 @@ def _comparison(title: str, a: list[Record], b: list[Record], docs_a: list[dict 
         notes.append(f"different tasks ({', '.join(sorted(ta ^ tb))} in one only): mean_acc averages different tasks")
     found = rows(a, b, docs_a, docs_b)
     notes.append(_windows_note(found))
+    if elsewhere := _elsewhere(a, b):
+        notes.append(f"Prefill and decode not compared: B {elsewhere.replace('the dense record', 'A')}.")
     return Comparison(title, found, [n for n in notes if n])
 
 

@@ -14,7 +14,7 @@ from bench import compare, curves, stats
 from bench.calibration import reused_cost
 from bench.compare import DENSE, label, main_acc, mean_acc_se
 from bench.evaluate import docs as docs_io
-from bench.evaluate.efficiency import LOAD_LIMIT, SPREAD_LIMIT, latency_doubt
+from bench.evaluate.efficiency import LOAD_LIMIT, SPREAD_LIMIT, latency_doubt, other_hardware
 from bench.records import Record, latest, load_records
 
 TASK_SHORT = {"arc_easy": "ARC-e", "arc_challenge": "ARC-c", "piqa": "PIQA", "hellaswag": "HellaS",
@@ -55,7 +55,8 @@ def frame(records: list[Record], docs: list[dict | None] | None = None) -> pd.Da
         mean_acc = m.get("mean_acc")
         ref_acc = ref.metrics.get("mean_acc") if ref else None
         close = m.get("closeness") or {}
-        doubt = latency_doubt(m.get("latency_detail"))
+        elsewhere = other_hardware(r.environment, ref.environment) if ref else None
+        doubt = "; ".join(x for x in (latency_doubt(m.get("latency_detail")), elsewhere) if x) or None
         row = {
             "model": r.model["name"], "suite": r.suite["name"], "method": label(r), "seed": r.seed,
             "target": r.target_ratio, "achieved": b.get("achieved_ratio"), "linear_ratio": b.get("linear_ratio"),
@@ -68,7 +69,7 @@ def frame(records: list[Record], docs: list[dict | None] | None = None) -> pd.Da
             "params_M": (m.get("params") or b.get("params_compressed") or math.nan) / 1e6,
             "weights_MB": (m.get("weight_bytes") or math.nan) / 2**20,
             "ckpt_MB": (m.get("checkpoint_bytes") or math.nan) / 2**20,
-            "peak_mem_MB": (m.get("peak_memory_bytes") or math.nan) / 2**20,
+            "peak_mem_MB": math.nan if elsewhere else (m.get("peak_memory_bytes") or math.nan) / 2**20,
             # device and host peaks of each phase (CSV only; records older than the split have the device peak)
             "compress_peak_device_MB": _mb(r.cost, "compress_peak_device_bytes", "compress_peak_memory_bytes"),
             "compress_peak_host_MB": _mb(r.cost, "compress_peak_host_bytes"),
@@ -81,7 +82,7 @@ def frame(records: list[Record], docs: list[dict | None] | None = None) -> pd.Da
             "decode_tok_s": None if doubt else m.get("decode_tokens_per_s"),
             "latency_note": f"not compared: {doubt} (measured {m.get('prefill_ms'):.0f} ms prefill, "
                             f"{m.get('decode_tokens_per_s'):.2f} tokens/s)" if doubt else None,
-            "compress_s": compress_seconds(r.cost), "train_tokens": r.cost.get("train_tokens"),
+            "compress_s": None if elsewhere else compress_seconds(r.cost), "train_tokens": r.cost.get("train_tokens"),
             "status": _status(r, ref),
             "_knobs": json.dumps(r.knob_overrides, sort_keys=True, default=str), "_row": i,
         }
@@ -292,7 +293,9 @@ def noise_legend(records: list[Record]) -> str:
             f"--rescore` adds them from its checkpoint). `bench compare A B` pairs KL and top-1 agr the same way. "
             f"prefill_ms and decode_tok_s read \"-\" where "
             f"the measurement is in doubt (its repeats more than {SPREAD_LIMIT:g}x apart, or a CPU host's load average "
-            f"above {LOAD_LIMIT:g}x its cores): the CSV's latency_note says why and what was measured. compress_s counts "
+            f"above {LOAD_LIMIT:g}x its cores), and they, peak_mem_MB and compress_s read \"-\" for a record measured "
+            f"on other hardware than its section's dense record (a GPU run beside CPU runs): the CSV's latency_note "
+            f"says why and what was measured, and its device peaks and device_name columns keep them. compress_s counts "
             f"the calibration statistics a cell used at what computing them cost, whether it computed them or reused "
             f"them from another cell or the cache; \"-\" where a reused statistic's cost was not recorded (records "
             f"from before it was kept: recompute with --no-cache). chance: the accuracy a uniform guess expects on "

@@ -231,6 +231,22 @@ def test_compare_leaves_out_a_latency_in_doubt(tmp_path):
     assert rows["perplexity"].b == 20.0  # the rest of the record is compared as before
 
 
+def test_compare_shows_but_does_not_compare_speeds_from_other_hardware(tmp_path):
+    """A CPU record against a GPU one: quality is compared as ever; prefill and decode are shown for each side but
+    get no difference, and a note names the two devices."""
+    cpu, gpu = _rec("cpu_run", 0.2), _rec("gpu_run", 0.2, ppl=18.0)
+    cpu.environment = {"hardware": {"device": "cpu", "device_name": "AMD EPYC"}}
+    gpu.environment = {"hardware": {"device": "cuda", "device_name": "NVIDIA H200"}}
+    gpu.metrics["prefill_ms"] = 20.0
+    for r in (_rec("dense", 0.0, ppl=10.0), cpu, gpu):
+        _write(tmp_path, r)
+    (c,) = compare.compare("cpu_run", "gpu_run", str(tmp_path))
+    rows = _by_metric(c)
+    assert (rows["prefill (ms)"].a, rows["prefill (ms)"].b, rows["prefill (ms)"].diff) == (100.0, 20.0, None)
+    assert rows["decode (tokens/s)"].diff is None and rows["perplexity"].diff == pytest.approx(-2.0)
+    assert "Prefill and decode not compared: B measured on NVIDIA H200, A on AMD EPYC." in c.notes
+
+
 def _windowed(method: str, nll: list[float], kl: list[float], sha: str = "w1", seed: int = 0) -> Record:
     """A record whose perplexity and KL are the means of its per-window figures, as the evaluator writes them."""
     r = _rec(method, 0.2, seed, ppl=math.exp(sum(nll) / len(nll)))

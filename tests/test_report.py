@@ -420,6 +420,31 @@ def test_a_doubtful_latency_is_not_compared_and_the_csv_says_why():
                                               "0.47 tokens/s)")
 
 
+def test_a_record_from_other_hardware_keeps_its_quality_but_not_its_speed_memory_or_compress_time():
+    """A GPU run beside CPU records (the H200's DeltaLLM at 10M tokens in the quick section): its perplexity
+    stands, its latency, evaluation peak and compress seconds are not put beside the CPU's, and the CSV says why;
+    an unnamed device of the same type (older records) is not taken for other hardware."""
+    import pandas as pd
+
+    from bench.leaderboard import frame
+
+    dense, cpu, gpu, old = (_rec("dense", 0.0, ppl=10.0), _rec("alpha", 0.2, ppl=20.0), _rec("beta", 0.2, ppl=15.0),
+                            _rec("gamma", 0.2, ppl=25.0))
+    for r, hw in ((dense, {"device": "cpu", "device_name": "AMD EPYC"}), (cpu, {"device": "cpu", "device_name": "AMD EPYC"}),
+                  (gpu, {"device": "cuda", "device_name": "NVIDIA H200"}), (old, {"device": "cpu"})):
+        r.environment = {"hardware": hw}
+        r.metrics["peak_memory_bytes"] = 2**30
+        r.cost = {"compress_seconds": 5.0}
+    df = frame([dense, cpu, gpu, old]).set_index("method")
+    assert df.loc["beta", "ppl"] == 15.0 and df.loc["beta", "device_name"] == "NVIDIA H200"
+    assert df.loc["beta", ["prefill_ms", "decode_tok_s", "peak_mem_MB", "compress_s"]].isna().all()
+    assert df.loc["beta", "latency_note"] == ("not compared: measured on NVIDIA H200, the dense record on AMD EPYC "
+                                              "(measured 100 ms prefill, 30.00 tokens/s)")
+    for same in ("alpha", "gamma"):
+        assert df.loc[same, "prefill_ms"] == 100.0 and df.loc[same, "compress_s"] == 5.0
+        assert df.loc[same, "peak_mem_MB"] == 1024 and pd.isna(df.loc[same, "latency_note"])
+
+
 def test_scaling_figures_beside_the_records_are_passed_over_quietly(tmp_path):
     """results/scaling/ holds `bench scaling --json` files: slimbench's own, another schema, not a problem to report;
     a foreign JSON file still is."""
