@@ -176,7 +176,7 @@ def _metrics(a: list[Record], b: list[Record]) -> list[Metric]:
 
 def _elsewhere(a: list[Record], b: list[Record]) -> str | None:
     """Why A's and B's speeds cannot be compared (a pair of records ran on different hardware), or None."""
-    return next((why for x, y in zip(a, b, strict=True) if (why := other_hardware(y.environment, x.environment))),
+    return next((why for x, y in zip(a, b, strict=True) if (why := other_hardware(y.environment, x.environment, "A"))),
                 None)
 
 
@@ -302,7 +302,7 @@ def _comparison(title: str, a: list[Record], b: list[Record], docs_a: list[dict 
     found = rows(a, b, docs_a, docs_b)
     notes.append(_windows_note(found))
     if elsewhere := _elsewhere(a, b):
-        notes.append(f"Prefill and decode not compared: B {elsewhere.replace('the dense record', 'A')}.")
+        notes.append(f"Prefill and decode not compared: B {elsewhere}.")
     return Comparison(title, found, [n for n in notes if n])
 
 

@@ -29,6 +29,8 @@ REFERENCE = "reference"  # its status: not a cell, never ranked
 def flagged(status: str) -> bool:
     """Whether a row's status marks it in the tables (failed or collapsed; not ok, not the chance reference)."""
     return status not in ("ok", REFERENCE)
+
+
 LABELS = {"mean_acc_se": "±", "seed_sd": "seed sd", "near_best": "≈best", "vs_best": "Δbest (paired)",
           "ppl_near_best": "ppl≈best", "ppl_vs_best": "Δppl best (paired)", "vs_chance": "Δchance (paired)",
           "kl": "KL", "kl_p99": "KL p99", "top1": "top-1 agr", "flip": "flip"}  # column headers in the tables

@@ -225,15 +225,16 @@ def latency_doubt(detail: dict | None) -> str | None:
     return "; ".join(reasons) or None
 
 
-def other_hardware(environment: dict, reference: dict) -> str | None:
-    """Why a record's speed and memory cannot stand beside a reference record's: they ran on different hardware
-    (another device type, or both devices named and the names differ), or None. An unnamed device is not taken
-    as different: records from before names were kept are judged by their device type alone."""
+def other_hardware(environment: dict, reference: dict, reference_name: str = "the dense record") -> str | None:
+    """Why a record's speed and memory cannot stand beside a reference record's (called ``reference_name`` in the
+    reason): they ran on different hardware (another device type, or both devices named and the names differ), or
+    None. An unnamed device is not taken as different: records from before names were kept are judged by their
+    device type alone."""
     mine, theirs = environment.get("hardware") or {}, reference.get("hardware") or {}
     kind, ref_kind = mine.get("device"), theirs.get("device")
     name, ref_name = mine.get("device_name"), theirs.get("device_name")
     if (kind and ref_kind and kind != ref_kind) or (name and ref_name and name != ref_name):
-        return f"measured on {name or kind}, the dense record on {ref_name or ref_kind}"
+        return f"measured on {name or kind}, {reference_name} on {ref_name or ref_kind}"
     return None
 
 
