@@ -33,7 +33,7 @@ def flagged(status: str) -> bool:
 
 LABELS = {"mean_acc_se": "±", "seed_sd": "seed sd", "near_best": "≈best", "vs_best": "Δbest (paired)",
           "ppl_near_best": "ppl≈best", "ppl_vs_best": "Δppl best (paired)", "vs_chance": "Δchance (paired)",
-          "kl": "KL", "kl_p99": "KL p99", "top1": "top-1 agr", "flip": "flip"}  # column headers in the tables
+          "kl": "KL", "kl_p99": "KL p99", "top1": "top-1 agr", "flip": "flip", "lost": "lost"}  # column headers in the tables
 
 
 def frame(records: list[Record], docs: list[dict | None] | None = None) -> pd.DataFrame:
@@ -64,7 +64,7 @@ def frame(records: list[Record], docs: list[dict | None] | None = None) -> pd.Da
             "target": r.target_ratio, "achieved": b.get("achieved_ratio"), "linear_ratio": b.get("linear_ratio"),
             "budget": _budget_flag(r), "ppl": m.get("perplexity"), "kl": close.get("kl_mean"),
             "kl_p99": close.get("kl_p99"), "top1": close.get("top1_agreement"),
-            "flip": _flip(docs[ref_i] if ref_i is not None else None, docs[i]) if r.status == "ok" else None,
+            **_flips(docs[ref_i] if ref_i is not None else None, docs[i], r.status == "ok"),
             "mean_acc": mean_acc,
             "mean_acc_se": mean_acc_se(m.get("tasks") or {}) if mean_acc is not None else None,
             "retained": mean_acc / ref_acc if mean_acc is not None and ref_acc else None,
@@ -134,8 +134,10 @@ def _mb(part: dict, *keys: str) -> float:
     return found / 2**20 if found is not None else math.nan
 
 
-def _flip(ref: dict | None, mine: dict | None) -> float | None:
-    return stats.flip_rate(ref, mine) if ref is not None and mine is not None else None
+def _flips(ref: dict | None, mine: dict | None, ok: bool) -> dict[str, float | None]:
+    """The flip rate against the dense record's documents and the part of it that lost the dense right answers."""
+    split = stats.flip_split(ref, mine) if ok and ref is not None and mine is not None else None
+    return {"flip": None if split is None else split[0] + split[1], "lost": None if split is None else split[0]}
 
 
 def _status(r: Record, ref: Record | None) -> str:
@@ -288,7 +290,10 @@ def noise_legend(records: list[Record]) -> str:
             f"added); Δbest is that difference with its SE; an empty mark is clearly worse. KL = mean KL divergence "
             f"of the next-token distribution from the dense model's on the perplexity windows (p99: its 99th "
             f"percentile over positions), top-1 agr = share of positions where both predict the same token, flip = "
-            f"share of zero-shot documents whose correctness differs from the dense model's. ppl≈best: the same for "
+            f"share of zero-shot documents whose correctness differs from the dense model's, lost = the part of them the "
+            f"dense model answered right (flip - lost gained a right answer; with as many documents in every task, "
+            f"mean_acc minus the dense model's = flip - 2·lost: a cell near a guess can keep the dense accuracy "
+            f"while losing many of its right answers). ppl≈best: the same for "
             f"perplexity, \"best\" the lowest (seeds averaged), paired over the perplexity windows both cells scored "
             f"(mean NLL per window, |Δ| ≤ t(windows - 1)·SE(Δ), seeds paired as above); Δppl best is the difference "
             f"in perplexity with its SE (delta method); \"-\" for a record without per-window figures (`bench run ... "
@@ -324,7 +329,7 @@ def _fmt(value, col: str) -> str:
         return f"{100 * value:.1f}%"
     if col == "retained":
         return f"{100 * value:.1f}%"
-    if col in ("mean_acc", "mean_acc_se", "seed_sd", "kl", "kl_p99", "top1", "flip") or col in TASK_SHORT.values():
+    if col in ("mean_acc", "mean_acc_se", "seed_sd", "kl", "kl_p99", "top1", "flip", "lost") or col in TASK_SHORT.values():
         return f"{value:.3f}"
     if col == "ppl":
         return f"{value:.2f}" if value < 1e4 else f"{value:.3g}"
@@ -336,7 +341,7 @@ def _fmt(value, col: str) -> str:
 
 
 COLUMNS = ["method", "seed", "target", "achieved", "budget", "linear_ratio", "ppl", "ppl_near_best", "ppl_vs_best",
-           "kl", "kl_p99", "top1", "flip",
+           "kl", "kl_p99", "top1", "flip", "lost",
            "mean_acc", "mean_acc_se", "seed_sd", "near_best", "vs_best", "retained", "vs_chance",
            *TASK_SHORT.values(), "params_M", "weights_MB", "ckpt_MB", "peak_mem_MB", "prefill_ms", "decode_tok_s",
            "compress_s", "train_tokens", "status"]

@@ -137,9 +137,19 @@ def above_chance_over_seeds(per_seed: Sequence[dict[str, dict] | None]) -> Paire
 
 def flip_rate(ref: dict[str, dict], other: dict[str, dict]) -> float | None:
     """Share of documents (all tasks pooled) whose correctness differs between two cells, either way."""
-    flips = total = 0
+    split = flip_split(ref, other)
+    return None if split is None else split[0] + split[1]
+
+
+def flip_split(ref: dict[str, dict], other: dict[str, dict]) -> tuple[float, float] | None:
+    """(lost, gained): shares of the documents both cells answered (all tasks pooled) that ``ref`` got right and
+    ``other`` wrong, and the reverse. Their sum is the flip rate and gained - lost the pooled accuracy difference,
+    so a cell can keep the reference's accuracy while losing many of its right answers, if it gains as many by
+    chance; None without shared documents."""
+    lost = gained = total = 0
     for task in set(ref) & set(other):
         xa, xb = _aligned(ref[task], other[task])
-        flips += sum(x != y for x, y in zip(xa, xb, strict=True))
+        lost += sum(bool(x) and not y for x, y in zip(xa, xb, strict=True))
+        gained += sum(bool(y) and not x for x, y in zip(xa, xb, strict=True))
         total += len(xa)
-    return flips / total if total else None
+    return (lost / total, gained / total) if total else None

@@ -95,12 +95,13 @@ def test_leaderboard_marks_are_paired_over_the_side_files(results, tmp_path):
     assert rows["close", 0.2, 0].seed_sd == pytest.approx(0.025 / math.sqrt(2))  # sd of 0.675 and 0.70
     assert math.isnan(rows["good", 0.2, 0].seed_sd)  # one seed: no spread
     assert rows["bad", 0.2, 0].flip == pytest.approx(14 / 40) and rows["dense", 0.0, 0].flip == 0
+    assert rows["bad", 0.2, 0].lost == pytest.approx(14 / 40)  # the side files only ever lose dense's right answers
 
     csv = (tmp_path / "lb" / "leaderboard.csv").read_text().splitlines()
     head = csv[0].split(",")
     assert head[head.index("mean_acc") + 1:head.index("mean_acc") + 5] == ["mean_acc_se", "seed_sd", "near_best",
                                                                            "vs_best"]
-    assert head.index("kl") < head.index("top1") < head.index("flip") < head.index("mean_acc")
+    assert head.index("kl") < head.index("top1") < head.index("flip") < head.index("lost") < head.index("mean_acc")
 
     md = (tmp_path / "lb" / "leaderboard.md").read_text()
     assert "40 documents per task" in md and "≈best" in md and "paired test" in md

@@ -60,6 +60,21 @@ def test_flip_rate_and_paired_tasks_align_documents_by_id() -> None:
     assert (p.n, p.a_only, p.b_only) == (4, 1, 0) and p.diff == pytest.approx(-0.25)
 
 
+def test_flips_split_into_right_answers_lost_and_gained_and_their_difference_is_the_accuracy_change() -> None:
+    # two tasks, 10 documents each: the other cell keeps the reference's accuracy in task a (2 lost, 2 gained)
+    # and loses 3 right answers in task b without gaining any
+    ref = {"a": {"doc_id": list(range(10)), "correct": [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]},
+           "b": {"doc_id": list(range(10)), "correct": [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]}}
+    other = {"a": {"doc_id": list(range(10)), "correct": [0, 0, 1, 1, 1, 1, 1, 0, 0, 0]},
+             "b": {"doc_id": list(range(10)), "correct": [0, 0, 0, 1, 0, 0, 0, 0, 0, 0]}}
+    lost, gained = stats.flip_split(ref, other)
+    assert (lost, gained) == (pytest.approx(5 / 20), pytest.approx(2 / 20))
+    assert stats.flip_rate(ref, other) == pytest.approx(lost + gained)
+    acc = {c: sum(sum(t["correct"]) for t in cell.values()) / 20 for c, cell in (("ref", ref), ("other", other))}
+    assert acc["other"] - acc["ref"] == pytest.approx(gained - lost)
+    assert stats.flip_split(ref, ref) == (0.0, 0.0) and stats.flip_split(ref, {"c": other["a"]}) is None
+
+
 def test_chance_is_one_over_the_choices_and_above_chance_is_a_one_sample_paired_test() -> None:
     # task a: 4 documents of 4 choices, 3 right; task b: 2 of 2 choices and 2 of 3 choices, 2 right
     docs = {"a": {"correct": [1, 1, 1, 0], "ll": [[0.0] * 4] * 4},
