@@ -186,6 +186,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default=None, help="only this model's records (by name, as in results/<model>/)")
     c.add_argument("--suite", default=None, help="only this suite's records")
     c.add_argument("--ratio", default=None, help="only these target ratios, e.g. 0.12 or 0.12,0.3")
+    c.add_argument("--without", default=None, metavar="TASKS",
+                   help="leave these zero-shot tasks out of both sides, e.g. boolq (mean_acc over the rest)")
 
     ls = sub.add_parser("list", help="show methods, models, tasks and suites")
     ls.add_argument("what", nargs="?", default="all", choices=["all", "methods", "models", "tasks", "suites"])
@@ -424,7 +426,8 @@ def cmd_compare(args) -> int:
 
     ratios = _floats(args.ratio) if args.ratio else None
     console = _console()
-    for c in compare.compare(args.a, args.b, args.results_dir, args.model, args.suite, ratios):
+    without = [t.strip() for t in args.without.split(",") if t.strip()] if args.without else None
+    for c in compare.compare(args.a, args.b, args.results_dir, args.model, args.suite, ratios, without):
         console.print(compare.table(c))
     return 0
 

@@ -8,10 +8,14 @@ are paired over the perplexity windows both records scored (each record keeps ev
 agreement): the SE of the per-window differences, judged against Student's t with (windows - 1) degrees of
 freedom, since a suite has few windows (16 in ``quick``). Perplexity is judged on the mean NLL, its SE shown in
 perplexity units (delta method). Latency and size have no SE here, only their spread over seeds.
+
+``without`` leaves tasks out of both sides (their rows, mean_acc, its paired SE and the above-a-guess note), for a
+verdict without a task that measures something else on a given model (BoolQ's yes-bias on a small one).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable
@@ -22,6 +26,7 @@ from bench import stats
 from bench.errors import UserError
 from bench.evaluate import docs as docs_io
 from bench.evaluate.efficiency import latency_doubt, other_hardware
+from bench.evaluate.zeroshot import mean_accuracy
 from bench.records import Record, latest, load_records, read_record
 
 Z = 1.96  # two-sided 95 %
@@ -291,9 +296,35 @@ def _windows_note(rows_: list[Row]) -> str:
             f" t({n - 1}) = {t_critical(n - 1):.2f} SE (perplexity judged on the mean NLL). Size and speed have no SE.")
 
 
+def leave_out(records: list[Record], docs: list[dict | None], without: list[str]) -> tuple[list[Record], list]:
+    """``records`` and their side files' ``docs`` with the tasks ``without`` removed and mean_acc recomputed over
+    the rest (the records on disk are not touched)."""
+    out = []
+    for r in records:
+        kept = {t: v for t, v in (r.metrics.get("tasks") or {}).items() if t not in without}
+        metrics = {**r.metrics, "tasks": kept, "mean_acc": mean_accuracy(kept) if kept else None}
+        out.append(dataclasses.replace(r, metrics=metrics))
+    return out, [None if d is None else {t: v for t, v in d.items() if t not in without} for d in docs]
+
+
+def _check_without(records: list[Record], without: list[str]) -> None:
+    have = sorted({t for r in records for t in (r.metrics.get("tasks") or {})})
+    unknown = [t for t in without if t not in have]
+    if unknown:
+        raise UserError(f"--without {','.join(unknown)}: no such task in these records; they have "
+                        f"{', '.join(have) or 'no zero-shot tasks'}")
+    if not set(have) - set(without):
+        raise UserError(f"--without {','.join(without)} leaves no task to compare; name fewer tasks")
+
+
 def _comparison(title: str, a: list[Record], b: list[Record], docs_a: list[dict | None],
-                docs_b: list[dict | None]) -> Comparison:
+                docs_b: list[dict | None], without: list[str] | None = None) -> Comparison:
+    if without:
+        _check_without(a + b, without)
+        (a, docs_a), (b, docs_b) = leave_out(a, docs_a, without), leave_out(b, docs_b, without)
     notes = [_docs_note(a + b), _chance_note(docs_a, docs_b)]
+    if without:
+        notes.append(f"Left out by --without: {', '.join(without)} (mean_acc is over the other tasks).")
     if any(d is None for d in (*docs_a, *docs_b)):
         notes.append("a record has no per-document side file (.docs.json.gz): no paired SE or verdict for accuracy")
     ta, tb = set(a[0].metrics.get("tasks") or {}), set(b[0].metrics.get("tasks") or {})
@@ -320,14 +351,14 @@ def _describe(r: Record) -> str:
     return f"{label(r)} @ {100 * r.target_ratio:.1f}% seed {r.seed} ({r.model['name']}, suite {r.suite['name']})"
 
 
-def compare_files(a: str, b: str) -> list[Comparison]:
+def compare_files(a: str, b: str, without: list[str] | None = None) -> list[Comparison]:
     ra, rb = _load_file(a), _load_file(b)
     da, db = (docs_io.read(docs_io.docs_path(Path(p)), r.key) for p, r in ((a, ra), (b, rb)))
-    return [_comparison(f"A = {_describe(ra)}  vs  B = {_describe(rb)}", [ra], [rb], [da], [db])]
+    return [_comparison(f"A = {_describe(ra)}  vs  B = {_describe(rb)}", [ra], [rb], [da], [db], without)]
 
 
 def compare_methods(results_dir: str, a: str, b: str, model: str | None = None, suite: str | None = None,
-                    ratios: list[float] | None = None) -> list[Comparison]:
+                    ratios: list[float] | None = None, without: list[str] | None = None) -> list[Comparison]:
     """One comparison per ratio both methods have in one (model, suite), over the seeds both have there. The
     dense model (ratio 0) is paired with every ratio of the other method."""
     if not Path(results_dir).is_dir():
@@ -376,7 +407,8 @@ def compare_methods(results_dir: str, a: str, b: str, model: str | None = None, 
         seeds = ",".join(str(seed) for _, seed in keys)
         title = f"A = {a}, B = {b} — {m}, suite {s}, ratio {100 * target:.1f}%, seed{'s' * (len(keys) > 1)} {seeds}"
         ra, rb = [cells[a][k] for k in keys], [cells[b][k] for k in keys]
-        out.append(_comparison(title, ra, rb, docs_io.read_each(results_dir, ra), docs_io.read_each(results_dir, rb)))
+        out.append(_comparison(title, ra, rb, docs_io.read_each(results_dir, ra), docs_io.read_each(results_dir, rb),
+                               without))
     return out
 
 
@@ -400,11 +432,12 @@ def table(c: Comparison):
 
 
 def compare(a: str, b: str, results_dir: str = "results", model: str | None = None, suite: str | None = None,
-            ratios: list[float] | None = None) -> list[Comparison]:
-    """Two record files (both paths to .json files) or two method names looked up in ``results_dir``."""
+            ratios: list[float] | None = None, without: list[str] | None = None) -> list[Comparison]:
+    """Two record files (both paths to .json files) or two method names looked up in ``results_dir``; ``without``:
+    tasks left out of both (see the module's docstring)."""
     files = [x.endswith(".json") or Path(x).is_file() for x in (a, b)]
     if all(files):
-        return compare_files(a, b)
+        return compare_files(a, b, without)
     if any(files):
         raise UserError(f"give two method names or two record files, not one of each ({a!r}, {b!r})")
-    return compare_methods(results_dir, a, b, model, suite, ratios)
+    return compare_methods(results_dir, a, b, model, suite, ratios, without)

@@ -186,6 +186,9 @@ def test_cli_compare_prints_the_table(results, capsys):
     (["good", "bad", "--model", "other"], "no records of method 'good'"),
     (["good", "missing.json"], "give two method names or two record files"),
     (["a.json", "b.json"], "not a readable slimbench record"),
+    (["good", "bad", "--without", "boolq,nosuch"], "--without nosuch: no such task in these records; they have "
+                                                  "arc_easy, boolq"),
+    (["good", "bad", "--without", "arc_easy,boolq"], "leaves no task to compare"),
 ])
 def test_cli_compare_bad_input_is_one_line_and_exit_2(results, args, needle, capsys):
     assert main(["compare", *args, "--results-dir", str(results)]) == 2
@@ -325,3 +328,26 @@ def test_leaderboard_ppl_marks_are_paired_over_the_windows(tmp_path):
     assert "t(windows - 1)" in md
     html = (tmp_path / "lb" / "index.html").read_text()
     assert "ppl≈best</th>" in html and '<td data-v="2" class=""></td>' in html  # clearly worse sorts last
+
+
+def test_compare_without_a_task_pairs_mean_acc_over_the_rest(results):
+    _write(results, _rec("yes", 0.2, accs=(0.60, 0.90)))  # ahead only through boolq
+    (c,) = compare.compare("good", "yes", str(results), ratios=[0.2])
+    assert _by_metric(c)["mean_acc"].diff == pytest.approx(0.05)
+    (c,) = compare.compare("good", "yes", str(results), ratios=[0.2], without=["boolq"])
+    rows = _by_metric(c)
+    assert "boolq (acc)" not in rows and "arc_easy (acc_norm)" in rows
+    acc = rows["mean_acc"]
+    assert (acc.a, acc.b, acc.diff) == pytest.approx((0.70, 0.60, -0.10))
+    assert acc.se == pytest.approx(math.sqrt((4 - 40 * 0.1**2) / 39 / 40))  # 4 of 40 arc_easy documents flip
+    assert acc.verdict == "A better" and acc.p_mcnemar == pytest.approx(stats.mcnemar(4, 0))
+    assert any("Left out by --without: boolq" in n for n in c.notes)
+    (c,) = compare.compare("good", "yes", str(results), ratios=[0.2])  # the records themselves are untouched
+    assert _by_metric(c)["mean_acc"].diff == pytest.approx(0.05)
+
+
+def test_cli_compare_without_prints_the_rest(results, capsys):
+    a, b = (str(record_path(results, r)) for r in (RECORDS[1], RECORDS[5]))
+    assert main(["compare", a, b, "--without", "boolq"]) == 0
+    out = capsys.readouterr().out
+    assert "boolq (acc)" not in out and "Left out by --without: boolq" in " ".join(out.split())
