@@ -70,7 +70,8 @@
 #            ratio, the record's perplexity and mean accuracy beside the committed records of its suite (seed 0,
 #            default knobs) of dense, shortgpt, jointdrop, slicegpt, laco, svdllm and basis, and `bench compare`
 #            (paired over the same documents and windows) against the committed method with the best mean accuracy
-#            and the one with the lowest perplexity. The trained checkpoint stays on the machine; what comes back is
+#            and the one with the lowest perplexity, each also with --without boolq (BoolQ measures a yes-bias on
+#            this model, README Results). The trained checkpoint stays on the machine; what comes back is
 #            claim-records.tgz (records and their *.docs.json.gz side files, which the paired statistics need).
 #            Before training it checks that lm-eval loads the seven tasks (seconds), and stops if not. A ratio
 #            already complete in an earlier call on the same warm machine is reused, not retrained.
@@ -342,7 +343,9 @@ pathlib.Path(sys.argv[3]).write_text("".join(f"{a} {b}\n" for a, b in pairs))
 PYEOF
   while read -r a b; do
     echo "=== claim: bench compare $a $b (B-A: this call's DeltaLLM minus the committed record)" | tee -a "$LOG"
-    COLUMNS=140 timeout 120 "$PY" -m bench.cli compare "$a" "$b" 2>&1 | tee -a "$LOG"
+    COLUMNS=140 timeout 120 "$PY" -m bench.cli compare "$a" "$b" 2>&1 </dev/null | tee -a "$LOG"
+    echo "=== claim: the same without BoolQ (a yes-bias on this model: README, Results)" | tee -a "$LOG"
+    COLUMNS=140 timeout 120 "$PY" -m bench.cli compare "$a" "$b" --without boolq 2>&1 </dev/null | tee -a "$LOG"
   done <"$pairs"
   rm -f "$pairs"
 }
