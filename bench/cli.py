@@ -426,7 +426,7 @@ def cmd_compare(args) -> int:
 
     ratios = _floats(args.ratio) if args.ratio else None
     console = _console()
-    without = [t.strip() for t in args.without.split(",") if t.strip()] if args.without else None
+    without = _items(args.without, "--without", "boolq or boolq,winogrande") if args.without else None
     for c in compare.compare(args.a, args.b, args.results_dir, args.model, args.suite, ratios, without):
         console.print(compare.table(c))
     return 0
