@@ -27,7 +27,7 @@ from bench.errors import UserError
 from bench.evaluate import docs as docs_io
 from bench.evaluate.efficiency import latency_doubt, other_hardware
 from bench.evaluate.zeroshot import mean_accuracy
-from bench.records import Record, latest, load_records, read_record
+from bench.records import Record, latest, load_records, method_tag, read_record
 
 Z = 1.96  # two-sided 95 %
 DENSE = "dense"
@@ -368,10 +368,10 @@ def compare_methods(results_dir: str, a: str, b: str, model: str | None = None, 
     records = [r for r in records if (model is None or r.model["name"] == model)
                and (suite is None or r.suite["name"] == suite)]
     where = "".join(f" {flag} {v}" for flag, v in (("--model", model), ("--suite", suite)) if v)
-    names = sorted({label(r) for r in records})
+    names = sorted({label(r) if label(r) == method_tag(r) else f"{method_tag(r)} = {label(r)}" for r in records})
     by = {}
     for name in (a, b):
-        mine = [r for r in records if label(r) == name]
+        mine = [r for r in records if name in (label(r), method_tag(r))]
         if not mine:
             raise UserError(f"no records of method {name!r} in {results_dir}{where}; methods there: "
                             f"{', '.join(names) or 'none'} (or give two record files)")
@@ -405,11 +405,17 @@ def compare_methods(results_dir: str, a: str, b: str, model: str | None = None, 
     for target in sorted({t for t, _ in shared}):
         keys = [k for k in shared if k[0] == target]
         seeds = ",".join(str(seed) for _, seed in keys)
-        title = f"A = {a}, B = {b} — {m}, suite {s}, ratio {100 * target:.1f}%, seed{'s' * (len(keys) > 1)} {seeds}"
+        title = f"A = {_named(a, by[a])}, B = {_named(b, by[b])} — {m}, suite {s}, ratio {100 * target:.1f}%, seed{'s' * (len(keys) > 1)} {seeds}"
         ra, rb = [cells[a][k] for k in keys], [cells[b][k] for k in keys]
         out.append(_comparison(title, ra, rb, docs_io.read_each(results_dir, ra), docs_io.read_each(results_dir, rb),
                                without))
     return out
+
+
+def _named(name: str, records: list[Record]) -> str:
+    """The name as given, with the full label when it was given as its record files' short tag."""
+    full = label(records[0])
+    return name if name == full else f"{name} = {full}"
 
 
 def _fmt(value: float | None, digits: int, sign: bool = False) -> str:

@@ -132,11 +132,16 @@ def cell_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def method_tag(rec: Record) -> str:
+    """The method as its record files name it: ``delta``, or ``delta+18815f`` for a run with overridden knobs (the
+    first 6 hex digits of their hash), short enough to type where the full label is a line long."""
+    return f"{rec.method}+{cell_key(rec.knob_overrides)[:6]}" if rec.knob_overrides else rec.method
+
+
 def record_path(results_dir: str | os.PathLike, rec: Record) -> Path:
     """Unique per key: runs that differ in anything that changes the result never share a file."""
-    knob_tag = f"+{cell_key(rec.knob_overrides)[:6]}" if rec.knob_overrides else ""
     key_tag = f"__{rec.key[:10]}" if rec.key else ""
-    name = f"{rec.method}{knob_tag}__r{rec.target_ratio:.3f}__s{rec.seed}{key_tag}.json"
+    name = f"{method_tag(rec)}__r{rec.target_ratio:.3f}__s{rec.seed}{key_tag}.json"
     return Path(results_dir) / rec.model["name"] / rec.suite["name"] / name
 
 

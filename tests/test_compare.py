@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from bench import compare, leaderboard, stats
 from bench.cli import main
 from bench.compare import mean_acc_se
 from bench.evaluate import docs
-from bench.records import Record, record_path, write_record
+from bench.records import Record, method_tag, record_path, write_record
 
 SE = 0.02  # every task's lm-eval SE (shown as information; verdicts are paired over the side files)
 DOCS = 40
@@ -159,6 +160,21 @@ def test_compare_pairs_seeds_and_the_dense_model(results):
     c12, c40 = compare.compare("dense", "bad", str(results))  # dense stands at every ratio of the other
     assert "ratio 20.0%" in c12.title and "ratio 40.0%" in c40.title
     assert _by_metric(c40)["mean_acc"].diff == pytest.approx(-0.40)
+
+
+def test_a_knob_variant_is_named_by_its_label_or_its_file_tag(results, capsys):
+    variant = dataclasses.replace(_rec("good", 0.2, accs=(0.6, 0.6)), knob_overrides={"rank": 8},
+                                  key="tiny-good-rank8")
+    _write(results, variant)
+    tag = method_tag(variant)
+    assert tag.startswith("good+") and len(tag) == len("good+") + 6
+    assert record_path(results, variant).name.startswith(f"{tag}__r0.200__s0__")  # the name the files carry
+    (by_tag,) = compare.compare("good", tag, str(results))
+    (by_label,) = compare.compare("good", "good (rank=8)", str(results))
+    assert _by_metric(by_tag)["mean_acc"].diff == pytest.approx(-0.1) == _by_metric(by_label)["mean_acc"].diff
+    assert f"B = {tag} = good (rank=8)" in by_tag.title and "B = good (rank=8) —" in by_label.title
+    assert main(["compare", "good", "good+000000", "--results-dir", str(results)]) == 2
+    assert f"{tag} = good (rank=8)" in capsys.readouterr().err  # the error lists the tag beside its label
 
 
 def test_compare_two_record_files(results):
