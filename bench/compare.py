@@ -84,6 +84,11 @@ def label(r: Record) -> str:
     return f"{r.method} ({', '.join(f'{k}={v}' for k, v in sorted(r.knob_overrides.items()))})"
 
 
+def label_and_tag(r: Record) -> str:
+    """The label, preceded by the short tag its record files carry when the two differ (a knob variant)."""
+    return f"{method_tag(r)} = {label(r)}" if r.knob_overrides else label(r)
+
+
 # --- compare ----------------------------------------------------------------------------------------------
 
 
@@ -368,11 +373,11 @@ def compare_methods(results_dir: str, a: str, b: str, model: str | None = None, 
     records = [r for r in records if (model is None or r.model["name"] == model)
                and (suite is None or r.suite["name"] == suite)]
     where = "".join(f" {flag} {v}" for flag, v in (("--model", model), ("--suite", suite)) if v)
-    names = sorted({label(r) if label(r) == method_tag(r) else f"{method_tag(r)} = {label(r)}" for r in records})
     by = {}
     for name in (a, b):
         mine = [r for r in records if name in (label(r), method_tag(r))]
         if not mine:
+            names = sorted({label_and_tag(r) for r in records})
             raise UserError(f"no records of method {name!r} in {results_dir}{where}; methods there: "
                             f"{', '.join(names) or 'none'} (or give two record files)")
         ok = [r for r in mine if r.status == "ok"]
@@ -405,7 +410,8 @@ def compare_methods(results_dir: str, a: str, b: str, model: str | None = None, 
     for target in sorted({t for t, _ in shared}):
         keys = [k for k in shared if k[0] == target]
         seeds = ",".join(str(seed) for _, seed in keys)
-        title = f"A = {_named(a, by[a])}, B = {_named(b, by[b])} — {m}, suite {s}, ratio {100 * target:.1f}%, seed{'s' * (len(keys) > 1)} {seeds}"
+        title = (f"A = {_named(a, by[a])}, B = {_named(b, by[b])} — {m}, suite {s}, ratio {100 * target:.1f}%, "
+                 f"seed{'s' * (len(keys) > 1)} {seeds}")
         ra, rb = [cells[a][k] for k in keys], [cells[b][k] for k in keys]
         out.append(_comparison(title, ra, rb, docs_io.read_each(results_dir, ra), docs_io.read_each(results_dir, rb),
                                without))
@@ -414,8 +420,7 @@ def compare_methods(results_dir: str, a: str, b: str, model: str | None = None, 
 
 def _named(name: str, records: list[Record]) -> str:
     """The name as given, with the full label when it was given as its record files' short tag."""
-    full = label(records[0])
-    return name if name == full else f"{name} = {full}"
+    return name if name == label(records[0]) else label_and_tag(records[0])
 
 
 def _fmt(value: float | None, digits: int, sign: bool = False) -> str:
