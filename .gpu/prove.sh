@@ -59,6 +59,9 @@
 #            written at the end only; the training state is saved every DELTA_SAVE_EVERY seconds (default 60) to
 #            /tmp/slimbench-cache, so a step cut by its timeout is resumed by the same command in the next call if
 #            that call comes while the machine is still warm (its /tmp is kept; it goes back 30 s after a call).
+#            The finished state is kept too until the record is written, so a step cut while it scores the trained
+#            model resumes with nothing left to train (before 2026-11-28 the state was removed when training ended:
+#            an H100 call cut 10M tokens of training in its evaluation and the next call had to start again).
 #            Needs halves a, b and c. The same command on a 24 GB CPU machine is killed for memory (batch 8 x 2048 x
 #            a 49k vocabulary).
 #   claim    the delta step's training WITH the zero-shot tasks of CLAIM_SUITE (default quick: 40 documents a task;
@@ -88,18 +91,22 @@
 # The H200 session of 2026-11-27 (its log runs 14:54-15:05 after the machine's start): call 1 carried c and ran
 # delta7b, call 2 carried a (`stage`), call 3 carried b and ran `real delta` (106 s + 188 s), call 4 ran `flat 7b`
 # (FLAT_BLOCKS=4, METHODS_7B=shortgpt,jointdrop,slicegpt, EXTRA_7B="--offload on", 76 s + 151 s).
-# A 15-minute session for claim (about 60 s of it to start the machine; each call at once after the last, while
-# the machine is warm):
-#   call 1: carry [".gpu-assets/c", ".gpu-assets/d"], `.gpu/prove.sh stage`, timeout_s 180   (32 s on the H200; its
-#           line "zero-shot ready: ..." says lm-eval loaded the seven tasks)
-#   call 2: carry [".gpu-assets/a"], `.gpu/prove.sh stage`, timeout_s 60 (~20 s)
+# A 15-minute session for claim (30-90 s of it to start the machine; each call at once after the last, while
+# the machine is warm; the zero-shot check runs once, in the call that installs half d):
+#   call 1: carry [".gpu-assets/a"], `.gpu/prove.sh stage`, timeout_s 60   (~10 s; no check: d is not there yet)
+#   call 2: carry [".gpu-assets/c", ".gpu-assets/d"], `.gpu/prove.sh stage`, timeout_s 180   (32 s on the H200, 53 s
+#           on the H100; its line "zero-shot ready: ..." says lm-eval loaded the seven tasks)
 #   call 3: carry [".gpu-assets/b"], `STEP_TIMEOUT=520 CLAIM_SUITE=standard DELTA_RATIOS=0.12 .gpu/prove.sh claim`,
-#           timeout_s 600 (~7-8 min: 300 s of training, the dense and DeltaLLM cells' 2,100 documents)
+#           timeout_s 600
+#   call 4, if call 3 was cut (its last line "claim=124"): the same command without carry, timeout_s what is left
+# H100, 2026-11-28 (the standard suite at 12 %): the model loaded in 36 s, the dense cell (2,100 documents) took
+# 40 s, batch 2 trained at 26,000-27,500 tokens/s (the H200: 33,600), so 10M tokens take ~380 s and the step was
+# cut at 520 s while it scored the trained cell; one ratio of the standard suite needs call 4's ~2 minutes.
 # then give the machine back. 12 % first: on the standard suite at 1M tokens (CPU) DeltaLLM ties ShortGPT's
 # perplexity and trails its mean accuracy by -0.029 +- 0.011 (README, Results), so 10M tokens there is the
 # contested verdict; DELTA_RATIOS=0.24 in the next session, then `DELTA_TOKENS=40000000 .gpu/prove.sh delta`
-# (carry c, a, then b with it) for the curve's 40M point. STEP_TIMEOUT=520 leaves the check before the step, the
-# table and the paired comparisons after it, and timeout's 30 s grace inside the 600 s a command may run. If call 1
+# (carry a, then c, then b with it) for the curve's 40M point. STEP_TIMEOUT=520 leaves the check before the step, the
+# table and the paired comparisons after it, and timeout's 30 s grace inside the 600 s a command may run. If call 2
 # reports that lm-eval cannot load the tasks, call 3 runs `STEP_TIMEOUT=540 DELTA_TOKENS=40000000 .gpu/prove.sh
 # delta` instead (perplexity only, batch 8: ~7.5 min of training). Why batch 2 for claim: the H200's 10M-token run
 # at batch 8 took 611 steps of 16,384 tokens where the CPU's 2M took 3,907 of 512 at the same rate, and bought little
@@ -107,8 +114,8 @@
 # 1 x 512 by +9.30 +- 0.59 in perplexity and +0.168 +- 0.008 in KL (README, Results); on the H200 at 10M tokens
 # batch 2 beat batch 8 by -2.68 +- 0.16 in perplexity (34.07) and -0.075 +- 0.003 in KL.
 # DELTA_BATCH=8 reproduces the committed 10M record's configuration.
-# If claim is cut by its timeout, the same call 3 again at once finishes it (the
-# finished ratios are reused, the cut one resumes from its saved training state).
+# If claim is cut by its timeout, the same call 3 again at once finishes it (the finished ratios are reused, the cut
+# one resumes from its saved training state, or from its finished state when it was cut while being scored).
 # Then, anywhere (no GPU needed), with the JSON files brought back:
 #   bench scaling --from-json 7b.json --from-json 13b.json     # the table and the llama2-70b PROJECTION
 # The scaling steps share the default calibration (128 random windows x 2048 tokens, bf16), so their per-block
@@ -138,12 +145,16 @@ DEVICE=${PROVE_DEVICE:-cuda}
 for half in a b c d; do
   if [ -d .gpu-assets/$half ]; then mkdir -p $STAGE/$half && cp -r .gpu-assets/$half/. $STAGE/$half/; fi
 done
+# zeroshot_ready's check (20-30 s) is remembered in $STAGE/zero-shot-ok and repeated only after a call that staged
+# half d or installed wheels (either could change what lm-eval imports)
+[ -d .gpu-assets/d ] && rm -f $STAGE/zero-shot-ok
 if [ -f $STAGE/c/corpus.tar.xz ] && [ ! -d $STAGE/c/site ]; then tar xJf $STAGE/c/corpus.tar.xz -C $STAGE/c; fi
 if [ -f $STAGE/d/zeroshot.tar.xz ] && [ ! -d $STAGE/d/site ]; then tar xJf $STAGE/d/zeroshot.tar.xz -C $STAGE/d; fi
 # a: the gguf reader; c: the transformers of the CPU records, ahead of the machine's own; d: lm-eval, datasets and
 # what they need beyond the image (fsspec too: datasets accepts <= 2026.9.0)
 for half in a c d; do
   if [ -d $STAGE/$half/wheels ] && [ ! -f $STAGE/$half/installed ]; then
+    rm -f $STAGE/zero-shot-ok
     "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/gguf-site $STAGE/$half/wheels/*.whl \
       >>"$LOG" 2>&1 && touch $STAGE/$half/installed \
       || echo "=== installing the wheels of half $half into /tmp/gguf-site failed (pip's words in $LOG)" | tee -a "$LOG"
@@ -242,7 +253,13 @@ zeroshot_ready() {  # NAME: lm-eval (half d) imports and loads the quick suite's
     return 1
   fi
   local t0=$SECONDS rc
-  PYTHONPATH=$PYTHONPATH:$STAGE/d/site timeout 300 "$PY" - <<'PYEOF' 2>&1 | tee -a "$LOG"
+  if [ -f $STAGE/zero-shot-ok ]; then
+    echo "$(cat $STAGE/zero-shot-ok) (checked by an earlier call on this machine; nothing staged or installed since)" \
+      | tee -a "$LOG"
+    return 0
+  fi
+  rm -f $STAGE/zero-shot-ok.new
+  PYTHONPATH=$PYTHONPATH:$STAGE/d/site timeout 300 "$PY" - <<'PYEOF' 2>&1 | tee -a "$LOG" $STAGE/zero-shot-ok.new
 import importlib.metadata as m
 from bench.evaluate import fastlm, zeroshot  # noqa: F401  (fastlm imports lm-eval's HFLM, as zero_shot does)
 from bench.suites import get_suite
@@ -253,6 +270,11 @@ print(f"zero-shot ready: lm_eval {m.version('lm_eval')}, datasets {m.version('da
       f"loaded from {zeroshot.data_root()}, {suite.task_limit} documents each")
 PYEOF
   rc=${PIPESTATUS[0]}
+  if [ "$rc" = 0 ] && grep '^zero-shot ready' $STAGE/zero-shot-ok.new > $STAGE/zero-shot-ok.tmp; then
+    mv $STAGE/zero-shot-ok.tmp $STAGE/zero-shot-ok
+  fi
+  rm -f $STAGE/zero-shot-ok.tmp
+  rm -f $STAGE/zero-shot-ok.new
   echo "=== $1: zero-shot check exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
   return "$rc"
 }

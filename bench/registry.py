@@ -14,6 +14,7 @@ import math
 import pkgutil
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, ClassVar, get_type_hints
 
 from torch import nn
@@ -47,6 +48,9 @@ class CompressionInfo:
     #: seconds of compress spent training (what ``train_tokens`` cost; 0 for a method that does not train)
     train_seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+    #: files the method kept so that a run killed before the cell's record is written can skip work already done (a
+    #: finished training state); the harness removes them once the cell is evaluated and its record is on disk
+    scratch: list[Path] = field(default_factory=list)
 
 
 class Method:

@@ -217,11 +217,12 @@ def _try_cell(cfg: RunConfig, cell: Cell, rec: Record, state: _State, instances,
                 _rescore(cfg, cell, existing, state, model_key, events)
             events.done(cell, existing, path, reused=True)
             return existing
+        scratch: list = []
         if (cell.method, cell.ratio) in refused:
             rec.status, rec.error = "failed", f"refused: {refused[(cell.method, cell.ratio)]}"
         else:
-            _compute(cfg, cell, rec, state, instances.get(cell.method), solutions, model_key, events,
-                     dense_params, dense_linear)
+            scratch = _compute(cfg, cell, rec, state, instances.get(cell.method), solutions, model_key, events,
+                               dense_params, dense_linear)
         rec.finished = now()
         try:
             docs.write_beside(cfg.results_dir, rec)  # before the record: a complete record has its side file
@@ -230,6 +231,9 @@ def _try_cell(cfg: RunConfig, cell: Cell, rec: Record, state: _State, instances,
             raise UserError(f"could not write the record of {cell.method} at {cell.ratio} to {path.parent} "
                             f"({err.strerror or err}); free space or fix permissions and run the same command "
                             "again (finished cells are kept)") from None
+        if rec.metrics:  # evaluated and recorded: what the method kept for a rerun has served (kept when it failed)
+            for f in scratch:
+                Path(f).unlink(missing_ok=True)
     finally:
         state.claims.release(path)
     events.done(cell, rec, path, reused=False)
@@ -256,8 +260,11 @@ def _rescore(cfg: RunConfig, cell: Cell, rec: Record, state: _State, model_key: 
 
 
 def _compute(cfg: RunConfig, cell: Cell, rec: Record, state: _State, inst: Method | None, solutions, model_key: str,
-             events: Events, dense_params: int, dense_linear: int) -> None:
-    """Compress (unless dense), evaluate and save one cell into ``rec``; a failure is recorded, never raised."""
+             events: Events, dense_params: int, dense_linear: int) -> list[Path]:
+    """Compress (unless dense), evaluate and save one cell into ``rec``; a failure is recorded, never raised.
+    Returns the files the method kept for a rerun (:attr:`CompressionInfo.scratch`), for the caller to remove once
+    the record is written."""
+    scratch: list[Path] = []
     if not state.used_loaded:
         model, state.used_loaded = state.loaded.model, True
     else:
@@ -278,7 +285,7 @@ def _compute(cfg: RunConfig, cell: Cell, rec: Record, state: _State, inst: Metho
             calib.placement = placement
             calib.report = lambda text, c=cell: events.report(c, f"compressing ({inst.name}): {text}")
             try:
-                _compress(model, inst, calib, solutions[(cell.method, cell.ratio)], rec, cfg,
+                scratch = _compress(model, inst, calib, solutions[(cell.method, cell.ratio)], rec, cfg,
                           lambda step, c=cell: events.cell(c, step))
             finally:
                 calib.report = None
@@ -312,6 +319,7 @@ def _compute(cfg: RunConfig, cell: Cell, rec: Record, state: _State, inst: Metho
     repairs = integrity.drain()
     if repairs:
         rec.details["cache_repairs"] = rec.details.get("cache_repairs", []) + repairs
+    return scratch
 
 
 def place(cfg: RunConfig, placement: Placement | None = None,
@@ -380,7 +388,7 @@ def _calibration(tokenizer, suite: Suite, seed: int, stats_dir: Path | None, mod
 
 
 def _compress(model, inst: Method, calib: Calibration, solution: Solution, rec: Record, cfg: RunConfig,
-              step: Callable[[str], None]) -> None:
+              step: Callable[[str], None]) -> list[Path]:
     step(f"compressing ({inst.name})")
     adapter = get_adapter(model)
     rec.solution = {"knobs": solution.knobs, "predicted_params": solution.predicted_params, "notes": solution.notes}
@@ -404,6 +412,7 @@ def _compress(model, inst: Method, calib: Calibration, solution: Solution, rec: 
     # a ranking that needs the data (jointdrop's joint list) settles its counts in compress
     rec.solution = {"knobs": solution.knobs, "predicted_params": solution.predicted_params, "notes": solution.notes}
     rec.details["structure_ops"] = len(structure.structure_log(model))
+    return list(info.scratch)
 
 
 def _save(model, tokenizer, rec: Record, cfg: RunConfig) -> None:

@@ -27,7 +27,10 @@ masters, AdamW's moments and step counts, the PMR generator, the step, and the l
 points, training seconds) to one verified safetensors file, and a run handed the same path starts from that state
 instead of step 0. On the same hardware a resumed run takes exactly the steps an uninterrupted one takes. The caller
 names the file by everything that decides the training, so a state is only ever read back into the run that wrote
-it; the file also holds that name and is checked against it. The file is removed when training ends.
+it; the file also holds that name and is checked against it. When training ends the finished state is saved once
+more and kept: a run killed after training (while the trained model is measured or evaluated, minutes on a large
+suite) then resumes with nothing left to train. Whoever is done with the trained model removes the file (DeltaLLM
+hands it to the harness, which removes it once the cell's record is on disk).
 """
 
 from __future__ import annotations
@@ -216,7 +219,8 @@ def train(model: nn.Module, adapter, teacher: nn.Module, windows: torch.Tensor, 
                 for param, copy in copies:
                     param.copy_(copy)
             if report is not None:
-                report(f"resuming training at {tokens:,} tokens from {cfg.state_path}")
+                report(f"training already complete ({tokens:,} tokens), its state read back from {cfg.state_path}"
+                       if first == steps else f"resuming training at {tokens:,} tokens from {cfg.state_path}")
     pending = sorted({t for t in cfg.curve_at if tokens < t}) if measure is not None else []
     micro = cfg.micro_batch if 0 < cfg.micro_batch < cfg.batch_size else cfg.batch_size
     amp = autocast_context(device, cfg.autocast)
@@ -275,9 +279,11 @@ def train(model: nn.Module, adapter, teacher: nn.Module, windows: torch.Tensor, 
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    if saving:
-        cfg.state_path.unlink(missing_ok=True)  # the record holds what it was kept for
-    seconds = before + time.perf_counter() - start - paused
+    seconds = before + (time.perf_counter() - start - paused if first < steps else 0.0)
+    if saving and first < steps:  # the finished state, kept until the caller is done with the trained model
+        saves += save_state(cfg.state_path, cfg.state_key, weights, opt, gen,
+                            {"step": steps, "tokens": tokens, "losses": losses, "probs": probs, "points": points,
+                             "resumed": resumed, "seconds": seconds})
     log = {"steps": steps, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
            "batch_windows": cfg.batch_size, "micro_batch": micro, "seq_len": int(windows.shape[1]), "lr": cfg.lr,
            "lr_schedule": {"shape": cfg.lr_schedule, "warmup": cfg.lr_warmup},
@@ -325,7 +331,7 @@ def load_state(path: Path, key: str, weights: list[torch.Tensor], opt: torch.opt
     why = ("another state version" if log.get("version") != STATE_VERSION else
            "another run's state (key mismatch)" if log.get("key") != key else
            "other weight shapes" if shapes != [tuple(w.shape) for w in weights] else
-           "a step beyond this run's" if not 0 < log.get("step", 0) < steps else "")
+           "a step beyond this run's" if not 0 < log.get("step", 0) <= steps else "")
     if why:
         integrity.quarantine(path, why)
         return None

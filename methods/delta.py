@@ -299,7 +299,7 @@ class DeltaLLM(Method):
 
             details["curve_dense_ppl"] = dense_ppl
             points = [{"tokens": 0, "seconds": 0.0, **measure()}]  # before any training
-        tokens, seconds = 0, 0.0
+        tokens, seconds, state_path = 0, 0.0, None
         if k.train_tokens > 0:
             params = [p for d in deltas for p in (d.down.weight, d.up.weight)]
             if k.train_base:
@@ -331,7 +331,9 @@ class DeltaLLM(Method):
             details["curve_skipped"] = [t for t in curve_at if t > tokens]
         details["kl"] = kl
         details["kl_windows"] = {"heldout": n_eval, "train_probe": int(probe.shape[0])}
-        return CompressionInfo(train_tokens=tokens, train_seconds=seconds, details=details)
+        # the finished training state stays until the cell's record is on disk: a run killed while evaluating resumes
+        return CompressionInfo(train_tokens=tokens, train_seconds=seconds, details=details,
+                               scratch=[state_path] if state_path is not None else [])
 
     def _check_room(self, model: nn.Module, adapter, calibration: Calibration, solution: Solution) -> None:
         """Refuse, before the teacher is copied, a distillation the device budget cannot hold beside the model."""

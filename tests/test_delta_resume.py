@@ -27,6 +27,10 @@ def _run(cache, dtype=torch.float32, **knobs):
     info = method.compress(model, adapter, calib, method.solve(adapter, 0.1))
     weights = [w.detach().clone() for m in model.modules() if isinstance(m, DeltaLinear) for w in (m.down.weight,
                                                                                                     m.up.weight)]
+    if cache is not None:  # the finished state is kept, and handed over, for the harness to remove
+        assert info.scratch == list(cache.glob("delta-train-*.safetensors")) and len(info.scratch) == 1
+    else:
+        assert info.scratch == []
     return weights, info.details
 
 
@@ -65,16 +69,32 @@ def test_a_killed_training_resumes_to_the_uninterrupted_result(tmp_path, monkeyp
     assert strip == [{k: v for k, v in p.items() if k != "seconds"} for p in ref_details["curve"]]
     assert [p["tokens"] for p in details["curve"]] == [0, 128, 384, 512]  # 128 from before the kill, 384 after
     assert details["kl"] == ref_details["kl"]
-    assert not list(tmp_path.glob("delta-train-*.safetensors"))  # finished: the state is removed
 
 
 def test_an_uninterrupted_run_with_saves_equals_one_without(tmp_path):
     ref, ref_details = _run(None)
     got, details = _run(tmp_path)  # a save after every step
-    assert details["train"]["state_saves"] == 7 and details["train"]["resumed"] == []
+    assert details["train"]["state_saves"] == 8 and details["train"]["resumed"] == []  # 7 steps in, and the end
     assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
     assert details["kl"] == ref_details["kl"]
-    assert not list(tmp_path.glob("delta-train-*"))
+
+
+def test_a_run_killed_after_training_does_not_train_again(tmp_path, monkeypatch):
+    """The finished state outlives training: the rerun of a run killed while its trained model was being evaluated
+    takes no training step and ends with the same weights, curve, KL and training log."""
+    ref, ref_details = _run(tmp_path)
+
+    def no_step(*args):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(training, "replace_probability", no_step)
+    got, details = _run(tmp_path)
+    train, ref_train = details["train"], ref_details["train"]
+    assert train["resumed"] == [{"step": 8, "tokens": 512, "seconds": round(ref_train["seconds"], 3)}]
+    assert train["seconds"] == ref_train["seconds"] and train["state_saves"] == 0
+    assert train["curve"] == ref_train["curve"] and details["curve"] == ref_details["curve"]
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+    assert details["kl"] == ref_details["kl"]
 
 
 def _state(tmp_path, key="k"):
@@ -103,7 +123,7 @@ def test_a_state_reads_back_whole(tmp_path):
     assert torch.equal(gen.get_state(), torch.Generator().manual_seed(1).get_state())
 
 
-@pytest.mark.parametrize(("key", "steps", "why"), [("other", 8, "key mismatch"), ("k", 2, "a step beyond")])
+@pytest.mark.parametrize(("key", "steps", "why"), [("other", 8, "key mismatch"), ("k", 1, "a step beyond")])
 def test_another_runs_state_is_quarantined_not_trained_on(tmp_path, key, steps, why, capsys):
     path, _ = _state(tmp_path)
     w, opt, gen = _fresh()
@@ -183,3 +203,40 @@ def test_bench_run_resumes_a_failed_cell_and_a_save_interval_keeps_its_record(tm
     assert sorted(p.name for p in (tmp_path / "results").rglob("delta*.json")) == files
     (again,) = [r for r in load_records(tmp_path / "results")[0] if r.method == "delta"]
     assert again.started == rec.started
+
+
+def test_bench_run_killed_while_evaluating_keeps_the_trained_state_until_the_record(tmp_path, tiny_model_dir,
+                                                                                     monkeypatch):
+    """A cell that dies after training, in its evaluation, keeps the finished state; the rerun evaluates the same
+    trained model without a training step, and the state is removed once that record is on disk."""
+    from bench import runner
+    from bench.cli import main
+    from bench.records import load_records
+
+    def run():
+        return main(["run", "--model", str(tiny_model_dir), "--methods", "delta", "--ratio", "0.2", "--train-tokens",
+                     "512", "--set", "delta.batch_size=2", "--results-dir", str(tmp_path / "results"),
+                     "--leaderboard-dir", str(tmp_path / "lb"), "--cache-dir", str(tmp_path / "cache"), "--tasks",
+                     "none", "--calib-samples", "4", "--calib-seq-len", "32", "--no-save"])
+
+    evaluate = runner.evaluate
+
+    def killed_unless_dense(*args, dense=False, **kw):
+        if not dense:
+            raise Killed("the job's time ran out")
+        return evaluate(*args, dense=dense, **kw)
+
+    monkeypatch.setattr(runner, "evaluate", killed_unless_dense)
+    run()
+    (rec,) = [r for r in load_records(tmp_path / "results")[0] if r.method == "delta"]
+    assert rec.status != "ok" and "time ran out" in rec.error
+    assert len(list((tmp_path / "cache").rglob("delta-train-*.safetensors"))) == 1
+    monkeypatch.setattr(runner, "evaluate", evaluate)
+    schedule = training.replace_probability
+    monkeypatch.setattr(training, "replace_probability", lambda *a: pytest.fail("trained again"))
+    assert run() == 0
+    monkeypatch.setattr(training, "replace_probability", schedule)
+    (rec,) = [r for r in load_records(tmp_path / "results")[0] if r.method == "delta"]
+    assert rec.status == "ok" and rec.details["train"]["resumed"][0]["step"] == rec.details["train"]["steps"] == 8
+    assert rec.cost["train_tokens"] == 512
+    assert not list((tmp_path / "cache").rglob("delta-train-*.safetensors"))
