@@ -167,11 +167,22 @@ def test_the_state_key_follows_every_result_knob_but_not_the_save_interval(tmp_p
     assert DeltaLLM.operational_knobs() == {"save_every"}
 
 
+def _delta_records(tmp_path):
+    """The delta records a `bench run` with ``--results-dir tmp_path/results`` wrote."""
+    from bench.records import load_records
+
+    return [r for r in load_records(tmp_path / "results")[0] if r.method == "delta"]
+
+
+def _states(tmp_path):
+    """The training states in the run's cache (``--cache-dir tmp_path/cache``)."""
+    return list((tmp_path / "cache").rglob("delta-train-*.safetensors"))
+
+
 def test_bench_run_resumes_a_failed_cell_and_a_save_interval_keeps_its_record(tmp_path, tiny_model_dir, monkeypatch):
     """Through the runner: a cell that died mid-training is recomputed from its saved state (found in the run's
     cache by its key); setting delta.save_every changes neither the cell's key nor its record's file."""
     from bench.cli import main
-    from bench.records import load_records
 
     def run(*extra):
         return main(["run", "--model", str(tiny_model_dir), "--methods", "delta", "--ratio", "0.2", "--train-tokens",
@@ -189,19 +200,19 @@ def test_bench_run_resumes_a_failed_cell_and_a_save_interval_keeps_its_record(tm
 
     monkeypatch.setattr(training, "replace_probability", kill_at_5)
     run()
-    (rec,) = [r for r in load_records(tmp_path / "results")[0] if r.method == "delta"]
+    (rec,) = _delta_records(tmp_path)
     assert rec.status != "ok" and "the node went away" in rec.error
-    assert len(list((tmp_path / "cache").rglob("delta-train-*.safetensors"))) == 1
+    assert len(_states(tmp_path)) == 1
     monkeypatch.setattr(training, "replace_probability", schedule)
     assert run() == 0
-    (rec,) = [r for r in load_records(tmp_path / "results")[0] if r.method == "delta"]
+    (rec,) = _delta_records(tmp_path)
     assert rec.status == "ok" and [r["step"] for r in rec.details["train"]["resumed"]] == [5]
     assert rec.cost["train_tokens"] == 512 and "save_every" not in rec.knob_overrides
-    assert not list((tmp_path / "cache").rglob("delta-train-*.safetensors"))
+    assert not _states(tmp_path)
     files = sorted(p.name for p in (tmp_path / "results").rglob("delta*.json"))
     assert run("--set", "delta.save_every=30") == 0  # same key: the record is reused, not recomputed
     assert sorted(p.name for p in (tmp_path / "results").rglob("delta*.json")) == files
-    (again,) = [r for r in load_records(tmp_path / "results")[0] if r.method == "delta"]
+    (again,) = _delta_records(tmp_path)
     assert again.started == rec.started
 
 
@@ -211,7 +222,6 @@ def test_bench_run_killed_while_evaluating_keeps_the_trained_state_until_the_rec
     trained model without a training step, and the state is removed once that record is on disk."""
     from bench import runner
     from bench.cli import main
-    from bench.records import load_records
 
     def run():
         return main(["run", "--model", str(tiny_model_dir), "--methods", "delta", "--ratio", "0.2", "--train-tokens",
@@ -228,15 +238,15 @@ def test_bench_run_killed_while_evaluating_keeps_the_trained_state_until_the_rec
 
     monkeypatch.setattr(runner, "evaluate", killed_unless_dense)
     run()
-    (rec,) = [r for r in load_records(tmp_path / "results")[0] if r.method == "delta"]
+    (rec,) = _delta_records(tmp_path)
     assert rec.status != "ok" and "time ran out" in rec.error
-    assert len(list((tmp_path / "cache").rglob("delta-train-*.safetensors"))) == 1
+    assert len(_states(tmp_path)) == 1
     monkeypatch.setattr(runner, "evaluate", evaluate)
     schedule = training.replace_probability
     monkeypatch.setattr(training, "replace_probability", lambda *a: pytest.fail("trained again"))
     assert run() == 0
     monkeypatch.setattr(training, "replace_probability", schedule)
-    (rec,) = [r for r in load_records(tmp_path / "results")[0] if r.method == "delta"]
+    (rec,) = _delta_records(tmp_path)
     assert rec.status == "ok" and rec.details["train"]["resumed"][0]["step"] == rec.details["train"]["steps"] == 8
     assert rec.cost["train_tokens"] == 512
-    assert not list((tmp_path / "cache").rglob("delta-train-*.safetensors"))
+    assert not _states(tmp_path)
