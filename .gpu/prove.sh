@@ -273,8 +273,7 @@ PYEOF
   if [ "$rc" = 0 ] && grep '^zero-shot ready' $STAGE/zero-shot-ok.new > $STAGE/zero-shot-ok.tmp; then
     mv $STAGE/zero-shot-ok.tmp $STAGE/zero-shot-ok
   fi
-  rm -f $STAGE/zero-shot-ok.tmp
-  rm -f $STAGE/zero-shot-ok.new
+  rm -f $STAGE/zero-shot-ok.tmp $STAGE/zero-shot-ok.new
   echo "=== $1: zero-shot check exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
   return "$rc"
 }

@@ -217,7 +217,7 @@ def _try_cell(cfg: RunConfig, cell: Cell, rec: Record, state: _State, instances,
                 _rescore(cfg, cell, existing, state, model_key, events)
             events.done(cell, existing, path, reused=True)
             return existing
-        scratch: list = []
+        scratch: list[Path] = []
         if (cell.method, cell.ratio) in refused:
             rec.status, rec.error = "failed", f"refused: {refused[(cell.method, cell.ratio)]}"
         else:
@@ -412,7 +412,7 @@ def _compress(model, inst: Method, calib: Calibration, solution: Solution, rec: 
     # a ranking that needs the data (jointdrop's joint list) settles its counts in compress
     rec.solution = {"knobs": solution.knobs, "predicted_params": solution.predicted_params, "notes": solution.notes}
     rec.details["structure_ops"] = len(structure.structure_log(model))
-    return list(info.scratch)
+    return info.scratch
 
 
 def _save(model, tokenizer, rec: Record, cfg: RunConfig) -> None:

@@ -167,6 +167,17 @@ def test_the_state_key_follows_every_result_knob_but_not_the_save_interval(tmp_p
     assert DeltaLLM.operational_knobs() == {"save_every"}
 
 
+def _bench_run(tmp_path, model_dir, *extra):
+    """`bench run` of DeltaLLM at 20 % on the tiny model, 512 tokens in steps of 2 windows x 32, perplexity only,
+    results in tmp_path/results and states in tmp_path/cache; ``extra``: more arguments."""
+    from bench.cli import main
+
+    return main(["run", "--model", str(model_dir), "--methods", "delta", "--ratio", "0.2", "--train-tokens", "512",
+                 "--set", "delta.batch_size=2", *extra, "--results-dir", str(tmp_path / "results"),
+                 "--leaderboard-dir", str(tmp_path / "lb"), "--cache-dir", str(tmp_path / "cache"), "--tasks", "none",
+                 "--calib-samples", "4", "--calib-seq-len", "32", "--no-save"])
+
+
 def _delta_records(tmp_path):
     """The delta records a `bench run` with ``--results-dir tmp_path/results`` wrote."""
     from bench.records import load_records
@@ -182,14 +193,8 @@ def _states(tmp_path):
 def test_bench_run_resumes_a_failed_cell_and_a_save_interval_keeps_its_record(tmp_path, tiny_model_dir, monkeypatch):
     """Through the runner: a cell that died mid-training is recomputed from its saved state (found in the run's
     cache by its key); setting delta.save_every changes neither the cell's key nor its record's file."""
-    from bench.cli import main
-
     def run(*extra):
-        return main(["run", "--model", str(tiny_model_dir), "--methods", "delta", "--ratio", "0.2", "--train-tokens",
-                     "512", "--set", "delta.batch_size=2", "--set", "delta.save_every=0.000001", *extra,
-                     "--results-dir", str(tmp_path / "results"), "--leaderboard-dir", str(tmp_path / "lb"),
-                     "--cache-dir", str(tmp_path / "cache"), "--tasks", "none", "--calib-samples", "4",
-                     "--calib-seq-len", "32", "--no-save"])
+        return _bench_run(tmp_path, tiny_model_dir, "--set", "delta.save_every=0.000001", *extra)
 
     schedule = training.replace_probability
 
@@ -221,13 +226,9 @@ def test_bench_run_killed_while_evaluating_keeps_the_trained_state_until_the_rec
     """A cell that dies after training, in its evaluation, keeps the finished state; the rerun evaluates the same
     trained model without a training step, and the state is removed once that record is on disk."""
     from bench import runner
-    from bench.cli import main
 
     def run():
-        return main(["run", "--model", str(tiny_model_dir), "--methods", "delta", "--ratio", "0.2", "--train-tokens",
-                     "512", "--set", "delta.batch_size=2", "--results-dir", str(tmp_path / "results"),
-                     "--leaderboard-dir", str(tmp_path / "lb"), "--cache-dir", str(tmp_path / "cache"), "--tasks",
-                     "none", "--calib-samples", "4", "--calib-seq-len", "32", "--no-save"])
+        return _bench_run(tmp_path, tiny_model_dir)
 
     evaluate = runner.evaluate
 
