@@ -562,3 +562,15 @@ def test_a_method_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
                _rec("dense", 0.0, ppl=10.0, model="tiny-2"), _rec("beta", 0.2, ppl=30.0, model="tiny-2")]
     report.write(records, tmp_path / "lb")
     assert pinned and all(p == pinned[0] for p in pinned) and set(pinned[0]) == {"alpha", "beta"}
+
+
+def test_three_seeds_with_equal_values_draw_although_their_mean_rounds_past_them(tmp_path):
+    """The mean of three equal floats can land one ulp outside them (0.1 three times averages to
+    0.10000000000000002): the min/max error bars must not come out negative, which matplotlib refuses, failing
+    the whole page after a run (it did, on three seeds of the same parameter count)."""
+    recs = [_rec("dense", 0.0, ppl=10.0)] + [_rec("alpha", 0.2, s, ppl=20.0, accs=(0.1, 0.1)) for s in range(3)]
+    for r in recs:
+        write_record(tmp_path / "results", r)
+    df, problems, paths = leaderboard.write(tmp_path / "results", tmp_path / "lb")
+    assert problems == [] and (tmp_path / "lb" / "index.html").exists()
+    assert {"accuracy_vs_ratio.png", "speed_vs_size.png"} <= {p.name for p in paths}  # index.html holds the task bars
