@@ -364,7 +364,14 @@ def cmd_run(args, cfg=None) -> int:
     t0 = time.perf_counter()
     with RichEvents(console) as events:
         records = run(cfg, events)
-    df, problems, paths = leaderboard.write(args.results_dir, args.leaderboard_dir)
+    try:
+        df, problems, paths = leaderboard.write(args.results_dir, args.leaderboard_dir)
+    except Exception as exc:  # the cells' records are on disk already: say so, and how to draw it from them
+        paths, problems = [], []
+        console.print(f"[red]error:[/] the leaderboard could not be written ({type(exc).__name__}: {exc}); this run's "
+                      f"records are safe in {args.results_dir}/: once the cause is fixed, `bench leaderboard "
+                      f"--results-dir {args.results_dir} --out {args.leaderboard_dir}` writes it from them",
+                      soft_wrap=True)
     for line in problems:
         console.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
     keys = {r.key for r in records}
@@ -373,12 +380,13 @@ def cmd_run(args, cfg=None) -> int:
     mine = leaderboard.frame(records, docs_io.read_each(args.results_dir, records))
     console.print(leaderboard.rich_table(mine, title=f"{records[0].model['name']} — suite {cfg.suite.name}"))
     computed = getattr(events, "counts", {}).get("ok", 0) + getattr(events, "counts", {}).get("failed", 0)
-    console.print(f"records in {args.results_dir}/, leaderboard in {', '.join(map(str, paths))}; "
+    board = f"leaderboard in {', '.join(map(str, paths))}" if paths else "leaderboard NOT written (above)"
+    console.print(f"records in {args.results_dir}/, {board}; "
                   f"{len(keys)} cells ({computed} computed here), {time.perf_counter() - t0:.0f} s")
     failed = [r for r in records if r.status != "ok"]
     for r in failed:
         console.print(f"[red]failed:[/] {r.method} at {r.target_ratio}: {r.error}")
-    return 1 if failed else 0
+    return 1 if failed or not paths else 0
 
 
 def cmd_sweep(args) -> int:

@@ -165,3 +165,26 @@ def test_records_hold_device_and_host_peaks_with_the_device_and_dtype(tmp_path, 
     assert row["compress_peak_host_MB"] == pytest.approx(by["test-droplast"].cost["compress_peak_host_bytes"] / 2**20)
     assert row["eval_peak_device_MB"] > 0 and row["eval_peak_host_MB"] > 0
     assert row["device_name"] == records[0].environment["hardware"]["device_name"] and row["dtype"] == "float32"
+
+
+def test_a_leaderboard_that_fails_loses_no_record_and_says_how_to_redraw_it(tmp_path, tiny_model_dir, plugins,
+                                                                             capsys, monkeypatch):
+    """The run's records are written before the leaderboard is drawn: a drawing error (matplotlib refused a
+    rounding-negative error bar once, after 100 minutes of training) is one clear line and exit 1, not a traceback,
+    and `bench leaderboard` then draws it from the same records."""
+    from bench import leaderboard
+
+    def broken(*a, **k):
+        raise ValueError("'xerr' must not contain negative values")
+
+    with monkeypatch.context() as m:
+        m.setattr(leaderboard, "write", broken)
+        assert _run(tmp_path, tiny_model_dir, "--methods", "test-droplast", "--ratio", "0.2") == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "the leaderboard could not be written (ValueError: 'xerr' must not contain negative values)" in out
+    assert "leaderboard NOT written" in out and "`bench leaderboard --results-dir" in out
+    records, problems = load_records(tmp_path / "results")
+    assert not problems and {r.method for r in records} == {"dense", "test-droplast"}
+    assert all(r.status == "ok" for r in records)
+    assert main(["leaderboard", "--results-dir", str(tmp_path / "results"), "--out", str(tmp_path / "lb")]) == 0
+    assert "test-droplast" in (tmp_path / "lb" / "leaderboard.md").read_text()
