@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
-import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -52,15 +51,10 @@ def _style(cells: pd.DataFrame) -> dict[str, tuple[str, str]]:
     return {m: (f"C{place[m] % 10}", MARKERS[place[m] // 10 % len(MARKERS)]) for m in own}
 
 
-def _spread(mean, low, high, scale: float = 1.0) -> list:
-    """Asymmetric error bars from a mean to the min and max over seeds, missing ones 0; never below zero, as the mean
-    of equal values can round an ulp past them (0.1 three times averages to 0.10000000000000002)."""
-    mean, low, high = (np.nan_to_num(np.asarray(v, dtype=float)) for v in (mean, low, high))
-    return [scale * np.maximum(mean - low, 0), scale * np.maximum(high - mean, 0)]
-
-
-def _err(c: pd.DataFrame, col: str, scale: float = 1.0) -> list:
-    return _spread(c[col], c[f"{col}_min"], c[f"{col}_max"], scale)
+def _err(c: pd.DataFrame, col: str, scale: float = 1.0):
+    """Asymmetric error bars from the mean to the min and max over seeds."""
+    return [scale * (c[col] - c[f"{col}_min"]).fillna(0).to_numpy(),
+            scale * (c[f"{col}_max"] - c[col]).fillna(0).to_numpy()]
 
 
 def _missed(c: pd.DataFrame) -> pd.Series:
@@ -168,7 +162,7 @@ def draw_tasks(ax: Axes, cells: pd.DataFrame) -> None:
         fade = 0.0 if len(same) < 2 else (same[row.name] - 1) / (same.max() - 1 or 1)
         dense = row["method"] == DENSE
         ax.bar([j - 0.4 + (i + 0.5) * width for j in range(len(tasks))], [row[t] for t in tasks], width,
-               yerr=_spread(row[tasks], [row[f"{t}_min"] for t in tasks], [row[f"{t}_max"] for t in tasks])
+               yerr=[[row[t] - row[f"{t}_min"] for t in tasks], [row[f"{t}_max"] - row[t] for t in tasks]]
                if row["n"] > 1 else None, capsize=1.5, color="black" if dense else style[row["method"]][0], alpha=1 - 0.55 * fade,
                label=DENSE if dense else f"{row['method']} @ {100 * row['target']:.0f}%")
     chance = _chance(cells)

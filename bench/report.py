@@ -53,8 +53,11 @@ def cells(df: pd.DataFrame) -> pd.DataFrame:
     df = df.assign(**{c: pd.to_numeric(df[c], errors="coerce") for c in num})
     ok = df[df["status"] == "ok"]
     g = ok.groupby(KEYS, sort=False)
+    # the mean of equal values can round an ulp past them (0.1 three times averages to 0.10000000000000002), and a
+    # plot's error bar from mean to min or max then comes out negative, which matplotlib refuses: kept in [min, max]
+    low, high = g[num].min(), g[num].max()
     # copied into one block, so the columns added below do not fragment it (pandas warned once per column)
-    out = pd.concat([g[num].mean(), g[num].min().add_suffix("_min"), g[num].max().add_suffix("_max")], axis=1).copy()
+    out = pd.concat([g[num].mean().clip(low, high), low.add_suffix("_min"), high.add_suffix("_max")], axis=1).copy()
     out["seeds"] = g["seed"].agg(lambda s: ",".join(map(str, sorted(s))))
     out["n"] = g.size()
     out["mean_acc_se"] = g["mean_acc_se"].agg(lambda s: pooled_se(s.tolist()))

@@ -571,6 +571,11 @@ def test_three_seeds_with_equal_values_draw_although_their_mean_rounds_past_them
     recs = [_rec("dense", 0.0, ppl=10.0)] + [_rec("alpha", 0.2, s, ppl=20.0, accs=(0.1, 0.1)) for s in range(3)]
     for r in recs:
         write_record(tmp_path / "results", r)
-    df, problems, paths = leaderboard.write(tmp_path / "results", tmp_path / "lb")
+    _, problems, paths = leaderboard.write(tmp_path / "results", tmp_path / "lb")
     assert problems == [] and (tmp_path / "lb" / "index.html").exists()
     assert {"accuracy_vs_ratio.png", "speed_vs_size.png"} <= {p.name for p in paths}  # index.html holds the task bars
+    from bench.report import cells
+
+    alpha = cells(leaderboard.frame(recs))
+    alpha = alpha[alpha["method"] == "alpha"].iloc[0]
+    assert sum([0.1] * 3) / 3 != 0.1 and alpha["mean_acc"] == alpha["mean_acc_min"] == alpha["mean_acc_max"] == 0.1
